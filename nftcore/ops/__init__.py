@@ -1,0 +1,10 @@
+"""The only door to nftcore's fused kernels: one public function per op, each with a PyTorch reference beside it.
+
+Importing this package costs torch (and triton, when a kernel is first used) - nothing heavier.
+"""
+
+from .dispatch import Backend, last_backend, select_backend
+from .nft_loss import nft_loss
+from .reference import NFTLossOutput
+
+__all__ = ["Backend", "NFTLossOutput", "last_backend", "nft_loss", "select_backend"]

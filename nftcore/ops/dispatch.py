@@ -1,0 +1,108 @@
+"""Backend choice for every fused op: Triton on CUDA, native C++ on CPU when built, the PyTorch reference otherwise.
+
+The decision is made per call (environment read at call time, so tests and users can flip it without re-importing):
+
+- ``NFTCORE_DISABLE_TRITON=1``  never use the Triton kernels;
+- ``NFTCORE_FORCE_TRITON=1``    send CPU tensors through the Triton kernels too (needs ``TRITON_INTERPRET=1`` set before
+  the kernels were imported) - this is how the kernels are tested without a GPU;
+- ``NFTCORE_DISABLE_NATIVE=1``  never use the native CPU library.
+
+An op without a kernel for some backend simply skips that backend. The reference is always present.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Callable, Mapping
+
+import torch
+
+DISABLE_TRITON = "NFTCORE_DISABLE_TRITON"
+FORCE_TRITON = "NFTCORE_FORCE_TRITON"
+DISABLE_NATIVE = "NFTCORE_DISABLE_NATIVE"
+
+_FALSE_VALUES = ("", "0", "false", "no", "off")
+
+
+class Backend(str, enum.Enum):
+    TRITON = "triton"
+    NATIVE = "native"
+    REFERENCE = "reference"
+
+
+def env_flag(name: str) -> bool:
+    """True when the environment variable is set to anything but an explicit false ("", 0, false, no, off)."""
+    return os.environ.get(name, "").strip().lower() not in _FALSE_VALUES
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `triton` imports here (CPU machines may have it for the interpreter; some platforms lack it)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        importlib.import_module("triton")
+    except Exception:  # a broken install is the same as none for dispatch purposes
+        return False
+    return True
+
+
+def native_available() -> bool:
+    """Whether the native CPU library (`csrc/`) is built and loaded. It does not exist yet: always False."""
+    return False
+
+
+def interpreter_active() -> bool:
+    return env_flag("TRITON_INTERPRET")
+
+
+def select_backend(op: str, device: torch.device, available: Mapping[Backend, object]) -> Backend:
+    """Pick the backend for one call of `op` on tensors living on `device`.
+
+    `available` lists the backends this op implements (the reference must be among them).
+    """
+    if Backend.REFERENCE not in available:
+        raise RuntimeError(f"{op}: every op needs a reference implementation")
+    disable_triton, force_triton = env_flag(DISABLE_TRITON), env_flag(FORCE_TRITON)
+    if disable_triton and force_triton:
+        raise RuntimeError(f"{op}: both {DISABLE_TRITON} and {FORCE_TRITON} are set; unset one")
+    if Backend.TRITON in available and not disable_triton:
+        if device.type == "cuda" and triton_available():
+            return Backend.TRITON
+        if force_triton:
+            if not triton_available():
+                raise RuntimeError(f"{op}: {FORCE_TRITON}=1 but triton does not import here")
+            if device.type == "cpu" and not interpreter_active():
+                raise RuntimeError(
+                    f"{op}: {FORCE_TRITON}=1 with CPU tensors needs TRITON_INTERPRET=1 set before nftcore's kernels "
+                    "are imported"
+                )
+            return Backend.TRITON
+    if (
+        Backend.NATIVE in available
+        and device.type == "cpu"
+        and not env_flag(DISABLE_NATIVE)
+        and native_available()
+    ):
+        return Backend.NATIVE
+    return Backend.REFERENCE
+
+
+_last_backend: dict[str, Backend] = {}
+
+
+def last_backend(op: str) -> Backend | None:
+    """The backend the most recent call of `op` ran on in this process (for tests and benchmarks)."""
+    return _last_backend.get(op)
+
+
+def dispatch(op: str, device: torch.device, impls: Mapping[Backend, Callable[[], Callable]]) -> Callable:
+    """Resolve `op` to an implementation. `impls` maps each backend to a zero-argument loader, so kernel modules
+    are imported only when first used (keeps `import nftcore.ops` light and lets `TRITON_INTERPRET` be set first)."""
+    backend = select_backend(op, device, impls)
+    _last_backend[op] = backend
+    return impls[backend]()

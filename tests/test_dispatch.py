@@ -1,0 +1,116 @@
+"""The op machinery: which backend runs, and that the environment overrides force and disable each one."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from nftcore.ops import dispatch as dispatch_module
+from nftcore.ops.dispatch import Backend, dispatch, env_flag, last_backend, select_backend
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+ALL = {Backend.REFERENCE: None, Backend.TRITON: None, Backend.NATIVE: None}
+FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for flag in FLAGS:
+        monkeypatch.delenv(flag, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])
+def test_env_flag_values(env, value, expected):
+    env.setenv("NFTCORE_FORCE_TRITON", value)
+    assert env_flag("NFTCORE_FORCE_TRITON") is expected
+
+
+def test_defaults_cuda_gets_triton_cpu_gets_reference(env):
+    assert select_backend("op", CUDA, ALL) is Backend.TRITON
+    assert select_backend("op", CPU, ALL) is Backend.REFERENCE
+    assert select_backend("op", CUDA, {Backend.REFERENCE: None}) is Backend.REFERENCE
+
+
+def test_disable_triton(env):
+    env.setenv("NFTCORE_DISABLE_TRITON", "1")
+    assert select_backend("op", CUDA, ALL) is Backend.REFERENCE
+
+
+def test_force_triton_on_cpu_needs_the_interpreter(env):
+    env.setenv("NFTCORE_FORCE_TRITON", "1")
+    assert select_backend("op", CPU, ALL) is Backend.TRITON
+    # An op without a Triton kernel keeps running on its other backends.
+    assert select_backend("op", CPU, {Backend.REFERENCE: None}) is Backend.REFERENCE
+    env.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        select_backend("op", CPU, ALL)
+
+
+def test_force_and_disable_together_is_an_error(env):
+    env.setenv("NFTCORE_FORCE_TRITON", "1")
+    env.setenv("NFTCORE_DISABLE_TRITON", "1")
+    with pytest.raises(RuntimeError, match="both"):
+        select_backend("op", CPU, ALL)
+
+
+def test_native_backend_on_cpu_when_loaded(env):
+    env.setattr(dispatch_module, "native_available", lambda: True)
+    assert select_backend("op", CPU, ALL) is Backend.NATIVE
+    assert select_backend("op", CUDA, ALL) is Backend.TRITON  # native is a CPU library
+    env.setenv("NFTCORE_FORCE_TRITON", "1")
+    assert select_backend("op", CPU, ALL) is Backend.TRITON
+    env.delenv("NFTCORE_FORCE_TRITON")
+    env.setenv("NFTCORE_DISABLE_NATIVE", "1")
+    assert select_backend("op", CPU, ALL) is Backend.REFERENCE
+
+
+def test_native_is_not_built_yet():
+    assert dispatch_module.native_available() is False
+
+
+def test_every_op_needs_a_reference(env):
+    with pytest.raises(RuntimeError, match="reference"):
+        select_backend("op", CPU, {Backend.TRITON: None})
+
+
+@triton.jit
+def _double_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = offsets < n
+    tl.store(out_ptr + offsets, 2.0 * tl.load(x_ptr + offsets, mask=keep), mask=keep)
+
+
+def _double_triton(x):
+    out = torch.empty_like(x)
+    _double_kernel[(triton.cdiv(x.numel(), 64),)](x, out, x.numel(), BLOCK=64)
+    return out
+
+
+def _double(x):
+    """A toy op wired exactly like the real ones: loaders per backend, decision per call."""
+    impls = {Backend.REFERENCE: lambda: (lambda y: y * 2), Backend.TRITON: lambda: _double_triton}
+    return dispatch("toy_double", x.device, impls)(x)
+
+
+def test_forced_triton_kernel_runs_under_the_interpreter(env):
+    x = torch.randn(100)
+    torch.testing.assert_close(_double(x), 2 * x)
+    assert last_backend("toy_double") is Backend.REFERENCE
+    env.setenv("NFTCORE_FORCE_TRITON", "1")
+    torch.testing.assert_close(_double(x), 2 * x)
+    assert last_backend("toy_double") is Backend.TRITON
+
+
+def test_importing_ops_stays_light():
+    code = (
+        "import sys, nftcore.ops\n"
+        "heavy = [m for m in ('transformers', 'diffusers', 'safetensors', 'PIL', 'nftcore.kernels') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
