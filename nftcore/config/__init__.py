@@ -1,0 +1,68 @@
+"""Trainer configuration: typed sections, named recipes, TOML files and `--section.key=value` overrides.
+
+    from nftcore.config import load_config, batch_plan, config_to_toml
+    cfg = load_config(["--config", "qwen_image_edit_r1", "--run.out", "runs/q1"])   # a validated TrainConfig
+    plan = batch_plan(cfg, world_size)          # per-rank batches, accumulation, T_train; error if it cannot split
+    print(config_to_toml(cfg))                  # readable, and `--config` reads it back to an equal config
+
+Modules: `sections` (the dataclasses and their validation), `recipes` (demo, kontext_edit_r1, qwen_image_edit_r1),
+`values` (field types: parsing, checking, TOML literals), `serialize` (dict/JSON and TOML, both directions),
+`cli` (argv), `batching` (the epoch's batch arithmetic). Importing this package does not import torch.
+"""
+
+from nftcore.config.batching import BatchPlan, batch_plan
+from nftcore.config.cli import format_help, load_config, parse_command_line
+from nftcore.config.errors import ConfigError
+from nftcore.config.recipes import DEFAULT_RECIPE, RECIPES, build_recipe, demo, kontext_edit_r1, qwen_image_edit_r1
+from nftcore.config.sections import (
+    SECTIONS,
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    FilterConfig,
+    LoRAConfig,
+    MetricsConfig,
+    ModelConfig,
+    NFTConfig,
+    OptimConfig,
+    ParallelConfig,
+    RewardConfig,
+    RunConfig,
+    SamplingConfig,
+    TrainConfig,
+)
+from nftcore.config.serialize import config_from_dict, config_to_dict, config_to_toml, load_toml
+
+__all__ = [
+    "DEFAULT_RECIPE",
+    "RECIPES",
+    "SECTIONS",
+    "BatchPlan",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "FilterConfig",
+    "LoRAConfig",
+    "MetricsConfig",
+    "ModelConfig",
+    "NFTConfig",
+    "OptimConfig",
+    "ParallelConfig",
+    "RewardConfig",
+    "RunConfig",
+    "SamplingConfig",
+    "TrainConfig",
+    "batch_plan",
+    "build_recipe",
+    "config_from_dict",
+    "config_to_dict",
+    "config_to_toml",
+    "demo",
+    "format_help",
+    "kontext_edit_r1",
+    "load_config",
+    "load_toml",
+    "parse_command_line",
+    "qwen_image_edit_r1",
+]

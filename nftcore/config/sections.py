@@ -1,0 +1,414 @@
+"""The trainer's configuration: one typed dataclass per concern, and `TrainConfig` that holds one of each.
+
+Why dataclasses with a help string per field (torchtitan style, STYLE.md §8.11): the types drive the command-line
+and TOML parser, the help strings drive `--help`, and a typo is an error instead of a silently ignored attribute
+(`slots=True`). The field defaults are the `demo` recipe (the embedded CPU run), so `TrainConfig()` is the default
+config; the Edit-R1 recipes in `recipes.py` spell out every value of ALGORITHM.md §10 explicitly rather than
+inheriting them from here, so tuning the demo can never move a published recipe.
+
+Names follow the rest of nftcore: `nft.beta` / `nft.kl_weight` / `nft.adv_clip_max` / `nft.negative_weight` are
+`nft_loss`'s arguments, `filter.rule` / `mean_threshold` / `std_threshold` are `low_variance_filter`'s,
+`nft.decay_type` is `OldPolicySchedule.preset`'s, `sampling.solver` is a key of `nftcore.sampling.SOLVERS`, and
+`lora.*` are `apply_lora`'s. The two "betas" of the reference code are `nft.beta` and `nft.kl_weight` here (§11.1).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+from nftcore.config.batching import split_problem, train_timesteps
+from nftcore.config.errors import ConfigError
+from nftcore.config.values import type_problem
+
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its `--help` text (kept in the field's metadata, so it is there at run time)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    """Where a run writes and how long it goes."""
+
+    name: str = option("demo", "Run name, for logs and trackers.")
+    out: str = option("runs/demo", "Output folder: metrics in OUT/metrics.jsonl, checkpoints under OUT/checkpoints/ "
+                                   "(a fixed layout that scripts rely on).")
+    epochs: int = option(4, "Epochs to train. One epoch: G·K rollouts, their rewards, then optim.steps_per_epoch "
+                            "optimizer steps. The reference runs until stopped (an 'epoch' is its 'step').")
+    seed: int = option(42, "Base seed. Prompt order uses it alike on every rank; noise and timesteps use seed + rank, "
+                           "so ranks draw different noise.")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.out) / "metrics.jsonl"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.out) / "checkpoints"
+
+    def problems(self) -> list[str]:
+        return _failed({
+            "run.out must not be empty": bool(self.out),
+            f"run.epochs must be ≥ 1, got {self.epochs}": self.epochs >= 1,
+            f"run.seed must be in [0, 2**63), got {self.seed}": 0 <= self.seed < 2**63,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The policy transformer: which one, and how it is held in memory."""
+
+    family: Literal["demo", "flux", "qwen_image"] = option(
+        "demo", "Transformer family: 'flux' (FLUX.1-Kontext), 'qwen_image' (Qwen-Image-Edit), or 'demo' (the "
+                "embedded tiny CPU model).")
+    path: str = option("", "Pretrained diffusers pipeline: a Hugging Face id or a local folder (empty for 'demo').")
+    dtype: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "Storage dtype of the frozen base weights (LoRA adapters are always fp32). The reference loads Kontext "
+                "in fp32, ~24 GB more per GPU than bf16 (§11.7).")
+    gradient_checkpointing: bool = option(
+        False, "Recompute each block's activations in backward; needed to fit the 12B/20B models at 512².")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"model.path must name the pretrained {self.family} pipeline": self.family == "demo" or bool(self.path),
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class LoRAConfig:
+    """The trained adapter ("default") and its rollout twin ("old"), same shape (ALGORITHM.md §1.7)."""
+
+    rank: int = option(4, "LoRA rank r.")
+    alpha: float = option(8.0, "LoRA α; the update is scaled by α / r.")
+    init: Literal["gaussian", "zeros"] = option(
+        "gaussian", "'gaussian': A ~ N(0, 1/r²), B = 0 (PEFT's init, so training starts at the base model); 'zeros'.")
+    include_mlp: bool = option(
+        False, "Also adapt the MLPs. Edit-R1 adapts only the attention projections (q, k, v, out, and the text "
+               "stream's add_q/k/v and to_add_out).")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"lora.rank must be ≥ 1, got {self.rank}": self.rank >= 1,
+            f"lora.alpha must be > 0, got {self.alpha}": self.alpha > 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingConfig:
+    """Rollouts: how many per epoch, in which batches, and the ODE that makes them (ALGORITHM.md §2, §5)."""
+
+    group_size: int = option(4, "K: images sampled per prompt, one group. Advantages are relative within a group, so "
+                                "K ≥ 2.")
+    groups_per_epoch: int = option(8, "G: prompts (groups) per epoch; an epoch rolls out G·K images over all ranks.")
+    batch_size: int = option(4, "Images per rank per rollout call, and the training micro-batch (one size for both, as "
+                                "in the reference). G·K must split into world_size × batch_size (see batch_plan).")
+    num_steps: int = option(4, "Rollout ODE steps. Training noises at exactly these sampler sigmas (§1.4).")
+    solver: Literal["dpm2", "euler"] = option("dpm2", "Rollout solver (nftcore.sampling.SOLVERS).")
+    resolution: int = option(64, "Square edge of source and edited images in pixels (center crop); the sigma shift "
+                                 "keys on (resolution / 16)² target tokens.")
+    guidance_scale: float | None = option(
+        None, "Distilled-guidance value fed to FLUX.1-Kontext's guidance embedding (2.5 in Edit-R1); none for models "
+              "without one.")
+    true_cfg_scale: float = option(1.0, "True classifier-free guidance (Qwen-Image-Edit); 1.0 turns it off, i.e. one "
+                                        "forward per step.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"sampling.group_size (K) must be ≥ 2 for group-relative advantages, got {self.group_size}":
+                self.group_size >= 2,
+            f"sampling.groups_per_epoch (G) must be ≥ 1, got {self.groups_per_epoch}": self.groups_per_epoch >= 1,
+            f"sampling.batch_size must be ≥ 1, got {self.batch_size}": self.batch_size >= 1,
+            f"sampling.num_steps must be ≥ 1, got {self.num_steps}": self.num_steps >= 1,
+            # 8× VAE downsampling, then 2×2 patches: anything else leaves a ragged token grid.
+            f"sampling.resolution must be a positive multiple of 16, got {self.resolution}":
+                self.resolution > 0 and self.resolution % 16 == 0,
+            f"sampling.guidance_scale must be ≥ 0 or none, got {self.guidance_scale}":
+                self.guidance_scale is None or self.guidance_scale >= 0,
+            f"sampling.true_cfg_scale must be > 0, got {self.true_cfg_scale}": self.true_cfg_scale > 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class NFTConfig:
+    """The DiffusionNFT objective, reward normalisation, and the two lagged copies of θ (ALGORITHM.md §1)."""
+
+    beta: float = option(1.0, "β, the NFT mixing strength: v⁺ = β·v_θ + (1−β)·v_old, v⁻ = (1+β)·v_old − β·v_θ. A "
+                              "smaller β takes a bigger step. Not the KL weight (the reference calls both 'beta').")
+    kl_weight: float = option(1e-4, "λ_KL: weight of the velocity L2 to the frozen base model (the reference's "
+                                    "train.beta); 0 also skips the base-model forward.")
+    adv_clip_max: float = option(5.0, "A_max: advantages are clipped to ±A_max before mapping to r ∈ [0, 1], and the "
+                                      "policy loss is scaled by it (passed as nft_loss's loss_scale).")
+    negative_weight: float = option(1.0, "Weight of the negative-branch term (1 − r)·L⁻ of the loss.")
+    global_std: bool = option(True, "Scale advantages by the std of all rewards of the epoch (+1e-4) rather than each "
+                                    "group's own std, so a near-constant group's judge noise is not blown up.")
+    singleton: Literal["error", "global"] = option(
+        "error", "A one-sample group: 'error' (broken grouping), or 'global' (measure it against the epoch mean).")
+    timestep_fraction: float = option(
+        0.99, "Share of the sampler timesteps trained per sample: T_train = int(num_steps × fraction); each sample "
+              "drops a random rest (6 × 0.99 → 5).")
+    decay_type: Literal[0, 1, 2] = option(
+        1, "Rollout ('old') policy soft update θ_old ← η·θ_old + (1 − η)·θ after each epoch "
+           "(OldPolicySchedule.preset): 0 η = 0 (on-policy copy), 1 η = min(0.001·step, 0.5), 2 flat 75 steps then "
+           "+0.0075/step up to 0.999 (DiffusionNFT OCR).")
+    ema_decay: float = option(0.9, "Decay of the EMA of θ used for evaluation and checkpoints (warm-up "
+                                   "(1 + s)/(10 + s)). Not the rollout policy.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"nft.beta must be > 0, got {self.beta}": self.beta > 0,
+            f"nft.kl_weight must be ≥ 0, got {self.kl_weight}": self.kl_weight >= 0,
+            f"nft.adv_clip_max must be > 0, got {self.adv_clip_max}": self.adv_clip_max > 0,
+            f"nft.negative_weight must be ≥ 0, got {self.negative_weight}": self.negative_weight >= 0,
+            f"nft.timestep_fraction must be in (0, 1], got {self.timestep_fraction}": 0 < self.timestep_fraction <= 1,
+            f"nft.ema_decay must be in [0, 1), got {self.ema_decay}": 0 <= self.ema_decay < 1,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class RewardConfig:
+    """The judge that scores each edit (ALGORITHM.md §3)."""
+
+    backend: Literal["demo", "local", "server"] = option(
+        "demo", "'local': the MLLM judge in this process (frozen, sharded); 'server': an HTTP judge at server_url (as "
+                "the reference, on separate GPUs); 'demo': the embedded synthetic reward.")
+    model: str = option("", "Judge MLLM for 'local' (the score is E[digit]/5 over the tokens '0'–'5' of its answer).")
+    server_url: str = option("", "host:port of the judge for 'server'; empty reads REWARD_SERVER from the environment.")
+    timeout_s: float = option(300.0, "Seconds one scoring request may take before it is retried.")
+    max_retries: int = option(3, "Retries of a failed scoring request; a group that still fails is dropped, never "
+                                 "scored 0 (§11.4).")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            "reward.model must name the judge MLLM for the 'local' backend":
+                self.backend != "local" or bool(self.model),
+            f"reward.timeout_s must be > 0, got {self.timeout_s}": self.timeout_s > 0,
+            f"reward.max_retries must be ≥ 0, got {self.max_retries}": self.max_retries >= 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class FilterConfig:
+    """Low-variance group filtering and the prompt ban (ALGORITHM.md §4, §11.2)."""
+
+    rule: Literal["paper", "code", "none"] = option(
+        "paper", "'paper': drop groups with mean > τμ AND std < τσ; 'code': keep only groups with std > τσ AND "
+                 "mean < τμ (the official Qwen config's loss mask); 'none': keep all (the official Kontext config).")
+    mean_threshold: float = option(0.9, "τμ, on the group mean of the raw rewards.")
+    std_threshold: float = option(0.05, "τσ, on the group's population std of the raw rewards.")
+    ban_prompts: bool = option(False, "Stop sampling, for good, a prompt whose group met the paper's AND rule "
+                                      "(PromptBan).")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"filter.mean_threshold must be finite, got {self.mean_threshold}": math.isfinite(self.mean_threshold),
+            f"filter.std_threshold must be finite and ≥ 0, got {self.std_threshold}":
+                math.isfinite(self.std_threshold) and self.std_threshold >= 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    """The optimizer step and numeric precision (ALGORITHM.md §1.7)."""
+
+    lr: float = option(3e-4, "AdamW learning rate, constant (the reference has no schedule).")
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW (β1, β2), e.g. --optim.betas=0.9,0.999.")
+    weight_decay: float = option(1e-4, "AdamW decoupled weight decay.")
+    eps: float = option(1e-8, "AdamW ε.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this before each step; 0 turns clipping off.")
+    steps_per_epoch: int = option(4, "Optimizer steps per epoch; the epoch's micro-batches are split evenly among them "
+                                     "(the rest is gradient accumulation).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = option(
+        "no", "Autocast dtype of the forwards: 'bf16' (Edit-R1), 'fp16' (DiffusionNFT; adds a GradScaler), 'no'.")
+    allow_tf32: bool = option(True, "Allow TF32 matmuls and convolutions on CUDA.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"optim.lr must be > 0, got {self.lr}": self.lr > 0,
+            f"optim.betas must both be in [0, 1), got {self.betas}": all(0 <= b < 1 for b in self.betas),
+            f"optim.weight_decay must be ≥ 0, got {self.weight_decay}": self.weight_decay >= 0,
+            f"optim.eps must be > 0, got {self.eps}": self.eps > 0,
+            f"optim.max_grad_norm must be ≥ 0, got {self.max_grad_norm}": self.max_grad_norm >= 0,
+            f"optim.steps_per_epoch must be ≥ 1, got {self.steps_per_epoch}": self.steps_per_epoch >= 1,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class ParallelConfig:
+    """How the work spreads over ranks. The world size itself comes from the launcher (torchrun), not from here."""
+
+    backend: Literal["auto", "nccl", "gloo"] = option(
+        "auto", "torch.distributed backend; 'auto' is nccl with CUDA, gloo without.")
+    shard_text_encoder: bool = option(True, "FSDP2-shard the frozen text encoder(s) over all ranks, as the reference "
+                                            "does, instead of replicating them.")
+    shard_transformer: bool = option(False, "FSDP2-shard the policy transformer per block instead of replicating it "
+                                            "(DDP); for 1024² or larger models (§11.10).")
+    cpu_offload: bool = option(False, "Keep FSDP2-sharded parameters on the CPU between uses.")
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """Saving and resuming; checkpoints live under OUT/checkpoints/ (ALGORITHM.md §5.5)."""
+
+    save_every: int = option(2, "Save a checkpoint every N epochs; 0 saves none periodically.")
+    keep_latest: int = option(0, "Keep only the newest N checkpoints; 0 keeps all.")
+    resume: str = option("", "'latest' (the newest under OUT/checkpoints/), a checkpoint folder, or empty to start "
+                             "fresh. Also --resume.")
+    export_lora: bool = option(True, "With each checkpoint also write the EMA LoRA as safetensors in the diffusers and "
+                                     "PEFT layouts, ready for pipe.load_lora_weights.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"checkpoint.save_every must be ≥ 0, got {self.save_every}": self.save_every >= 0,
+            f"checkpoint.keep_latest must be ≥ 0, got {self.keep_latest}": self.keep_latest >= 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class MetricsConfig:
+    """What is logged where; OUT/metrics.jsonl is always written."""
+
+    log_every: int = option(1, "Write a metrics line (OUT/metrics.jsonl and the console) every N optimizer steps.")
+    image_every: int = option(0, "Log a grid of rollout images every N epochs; 0 never.")
+    wandb: bool = option(False, "Also log to Weights & Biases (imported only when on).")
+    wandb_project: str = option("nftcore", "Weights & Biases project.")
+    tensorboard: bool = option(False, "Also write TensorBoard event files under OUT/.")
+    progress: bool = option(True, "Show progress bars; turn off for non-TTY logs.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"metrics.log_every must be ≥ 1, got {self.log_every}": self.log_every >= 1,
+            f"metrics.image_every must be ≥ 0, got {self.image_every}": self.image_every >= 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class EvalConfig:
+    """Periodic evaluation of the EMA weights on the test split (ALGORITHM.md §5.3)."""
+
+    every: int = option(2, "Evaluate every N epochs; 0 never.")
+    num_steps: int = option(8, "ODE steps of the evaluation sampler.")
+    solver: Literal["dpm2", "euler"] = option("euler", "Evaluation solver (nftcore.sampling.SOLVERS).")
+    batch_size: int = option(4, "Images per rank per evaluation call.")
+    max_samples: int = option(0, "Evaluate on at most this many test samples; 0 uses all.")
+
+    def problems(self) -> list[str]:
+        return _failed({
+            f"eval.every must be ≥ 0, got {self.every}": self.every >= 0,
+            f"eval.num_steps must be ≥ 1, got {self.num_steps}": self.num_steps >= 1,
+            f"eval.batch_size must be ≥ 1, got {self.batch_size}": self.batch_size >= 1,
+            f"eval.max_samples must be ≥ 0, got {self.max_samples}": self.max_samples >= 0,
+        })
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """The editing dataset: (source image, instruction) pairs, train and test splits."""
+
+    path: str = option("", "Dataset folder (the Edit-R1 layout); empty uses the embedded demo data.")
+    num_workers: int = option(0, "Data-loader worker processes per rank.")
+    group_key: Literal["sample_id", "instruction"] = option(
+        "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
+                     "instruction text alone as the reference does, which merges images that share one (§11.3).")
+
+    def problems(self) -> list[str]:
+        return _failed({f"data.num_workers must be ≥ 0, got {self.num_workers}": self.num_workers >= 0})
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Everything one training run needs; `TrainConfig()` is the `demo` recipe. Build with `load_config`."""
+
+    recipe: str = option("demo", "The recipe this config started from (a TOML dump records it).")
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    nft: NFTConfig = field(default_factory=NFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    @property
+    def train_timesteps(self) -> int:
+        """T_train: the sampler timesteps each sample is trained on."""
+        return train_timesteps(self.sampling.num_steps, self.nft.timestep_fraction)
+
+    def problems(self) -> list[str]:
+        """Every type error, out-of-range value and contradiction, as messages naming `section.key`."""
+        typed = _type_problems(self)
+        if typed:  # range checks on wrongly typed values would only add noise (or raise)
+            return typed
+        found = [problem for name in SECTIONS for problem in getattr(self, name).problems()]
+        s = self.sampling
+        if not found:
+            found += _failed({
+                f"sampling.num_steps × nft.timestep_fraction = {s.num_steps} × {self.nft.timestep_fraction} trains "
+                "0 timesteps per sample; raise either": self.train_timesteps >= 1,
+                "sampling.guidance_scale must be none for qwen_image (it has no guidance embedding; use "
+                "sampling.true_cfg_scale)": not (self.model.family == "qwen_image" and s.guidance_scale is not None),
+            })
+            # A config that cannot split on one rank cannot split on any (see batch_plan), so say so now.
+            split = split_problem(s.group_size, s.groups_per_epoch, 1, s.batch_size, self.optim.steps_per_epoch)
+            found += [split] if split else []
+        return found
+
+    def validate(self) -> TrainConfig:
+        """Raise one ConfigError listing every problem; return self, so `cfg = recipe().validate()` reads well."""
+        found = self.problems()
+        if found:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
+        return self
+
+
+@cache
+def section_types() -> dict[str, type]:
+    """Section name → its dataclass, in TrainConfig order."""
+    hints = get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name != "recipe"}
+
+
+@cache
+def field_types(section_cls: type) -> dict[str, Any]:
+    """Field name → resolved type of one section dataclass, in declaration order."""
+    hints = get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in fields(section_cls)}
+
+
+def field_help(section_cls: type, name: str) -> str:
+    return next(f.metadata.get("help", "") for f in fields(section_cls) if f.name == name)
+
+
+SECTIONS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
+"""The section names, in order: run, model, lora, sampling, nft, reward, filter, optim, parallel, checkpoint, metrics,
+eval, data."""
+
+
+def _failed(checks: dict[str, bool]) -> list[str]:
+    """The messages whose condition is False."""
+    return [message for message, ok in checks.items() if not ok]
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    found = [] if isinstance(cfg.recipe, str) else [f"recipe must be a str, got {cfg.recipe!r}"]
+    for name, cls in section_types().items():
+        section = getattr(cfg, name)
+        if type(section) is not cls:
+            found.append(f"[{name}] must be a {cls.__name__}, got {type(section).__name__}")
+            continue
+        for key, tp in field_types(cls).items():
+            problem = type_problem(getattr(section, key), tp)
+            if problem:
+                found.append(f"{name}.{key}: {problem}")
+    return found

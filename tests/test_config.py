@@ -1,0 +1,376 @@
+"""Trainer configuration (nftcore.config): recipes, TOML and CLI loading, errors, round trips, batch arithmetic.
+
+Nothing here needs torch; the names shared with nftcore.nft / nftcore.sampling / nftcore.ops are read from their
+sources with `ast`, so the test stays fast and still fails when one side renames something.
+"""
+
+import ast
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import get_args
+
+import pytest
+
+from nftcore.config import (
+    RECIPES,
+    SECTIONS,
+    ConfigError,
+    TrainConfig,
+    batch_plan,
+    build_recipe,
+    config_from_dict,
+    config_to_dict,
+    config_to_toml,
+    demo,
+    format_help,
+    kontext_edit_r1,
+    load_config,
+    qwen_image_edit_r1,
+)
+from nftcore.config.sections import field_types, section_types
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _get(cfg, dotted):
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+# ---------------------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipes_build_validate_and_are_fresh(name):
+    cfg = build_recipe(name)
+    assert cfg.validate() is cfg and cfg.recipe == name
+    cfg.optim.lr = 1.0  # a fresh object per call: editing one config never leaks into the next
+    assert build_recipe(name).optim.lr != 1.0
+    assert list(SECTIONS) == [f.name for f in fields(TrainConfig)][1:]
+
+
+def test_default_config_is_the_demo():
+    assert TrainConfig() == demo() == load_config([])
+    cfg = demo()
+    assert cfg.model.family == "demo" and cfg.model.path == "" and cfg.reward.backend == "demo"
+    assert cfg.sampling.resolution <= 128 and cfg.sampling.group_size < 12 and cfg.optim.mixed_precision == "no"
+    plan = batch_plan(cfg, 1)
+    assert plan.optimizer_steps_per_epoch > 1 and plan.grad_accum_micro_batches >= 1 and plan.train_timesteps >= 1
+
+
+# ALGORITHM.md §10 (and §1.5–§1.7), shared by both Edit-R1 recipes.
+EDIT_R1_DEFAULTS = {
+    "sampling.group_size": 12, "sampling.groups_per_epoch": 24, "sampling.batch_size": 3, "sampling.num_steps": 6,
+    "sampling.solver": "dpm2", "sampling.resolution": 512, "sampling.true_cfg_scale": 1.0,
+    "nft.beta": 1.0, "nft.kl_weight": 1e-4, "nft.adv_clip_max": 5.0, "nft.negative_weight": 1.0,
+    "nft.global_std": True, "nft.timestep_fraction": 0.99, "nft.decay_type": 1, "nft.ema_decay": 0.9,
+    "lora.rank": 32, "lora.alpha": 64.0, "lora.init": "gaussian", "lora.include_mlp": False,
+    "optim.lr": 3e-4, "optim.betas": (0.9, 0.999), "optim.weight_decay": 1e-4, "optim.eps": 1e-8,
+    "optim.max_grad_norm": 1.0, "optim.steps_per_epoch": 1, "optim.mixed_precision": "bf16",
+    "filter.rule": "paper", "filter.mean_threshold": 0.9, "filter.std_threshold": 0.05,
+    "eval.every": 10, "eval.num_steps": 15, "eval.solver": "euler", "checkpoint.save_every": 30, "run.seed": 42,
+    "model.gradient_checkpointing": True, "reward.model": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+PER_MODEL = {
+    "kontext_edit_r1": {"model.family": "flux", "sampling.guidance_scale": 2.5, "filter.ban_prompts": False},
+    "qwen_image_edit_r1": {"model.family": "qwen_image", "sampling.guidance_scale": None, "filter.ban_prompts": True},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PER_MODEL))
+def test_edit_r1_recipes_carry_the_algorithm_defaults(name):
+    cfg = build_recipe(name)
+    expected = {**EDIT_R1_DEFAULTS, **PER_MODEL[name]}
+    assert {key: _get(cfg, key) for key in expected} == expected
+    assert cfg.train_timesteps == 5  # int(6 × 0.99): 5 of the 6 sampler timesteps per sample
+    assert cfg.model.path and cfg.data.path
+
+
+def _source_tree(relative):
+    return ast.parse((ROOT / relative).read_text())
+
+
+def _constant(relative, name):
+    """A module-level (or class-level) constant of an nftcore source file, read without importing it (no torch)."""
+    for node in ast.walk(_source_tree(relative)):
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return node.value
+    raise AssertionError(f"{name} not found in {relative}")
+
+
+def _keyword_args(relative, function):
+    for node in ast.walk(_source_tree(relative)):
+        if isinstance(node, ast.FunctionDef) and node.name == function:
+            return {arg.arg for arg in node.args.args + node.args.kwonlyargs}
+    raise AssertionError(f"{function} not found in {relative}")
+
+
+def test_names_match_the_algorithm_modules():
+    literal = lambda section, key: get_args(field_types(section_types()[section])[key])  # noqa: E731
+    assert literal("filter", "rule") == ast.literal_eval(_constant("nftcore/nft/filtering.py", "FILTER_RULES"))
+    assert literal("nft", "singleton") == ast.literal_eval(_constant("nftcore/nft/advantages.py", "SINGLETON_POLICIES"))
+    presets = _constant("nftcore/nft/old_policy.py", "PRESETS")
+    assert set(literal("nft", "decay_type")) == {ast.literal_eval(key) for key in presets.keys}
+    solvers = {ast.literal_eval(key) for key in _constant("nftcore/sampling/solvers.py", "SOLVERS").keys}
+    assert set(literal("sampling", "solver")) == set(literal("eval", "solver")) == solvers
+    nft_loss_args = _keyword_args("nftcore/ops/nft_loss.py", "nft_loss")
+    assert {"beta", "kl_weight", "negative_weight", "loss_scale"} <= nft_loss_args
+    assert {"rank", "alpha", "init", "include_mlp"} <= _keyword_args("nftcore/models/lora.py", "apply_lora")
+    assert {"adv_clip_max", "global_std", "singleton"} <= _keyword_args(
+        "nftcore/nft/advantages.py", "rewards_to_optimality")
+
+
+def test_importing_the_config_does_not_import_torch():
+    code = "import sys, nftcore.config; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------- TOML and the CLI
+
+
+def test_toml_file_starts_from_its_recipe_then_cli_overrides_win(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('recipe = "qwen_image_edit_r1"\n\n[nft]\nbeta = 0.5\nkl_weight = 0\n\n'
+                    '[optim]\nbetas = [0.9, 0.99]\n\n[filter]\nrule = "code"\n')
+    cfg = load_config(["--config", str(path), "--nft.beta=0.25", "--run.out", "runs/x"])
+    expected = qwen_image_edit_r1()
+    expected.nft.beta, expected.nft.kl_weight, expected.optim.betas = 0.25, 0.0, (0.9, 0.99)
+    expected.filter.rule, expected.run.out = "code", "runs/x"
+    assert cfg == expected
+
+    assert cfg.run.metrics_path == Path("runs/x/metrics.jsonl")  # the layout scripts rely on
+    assert cfg.run.checkpoint_dir == Path("runs/x/checkpoints")
+
+    path.write_text("[sampling]\ngroup_size = 8\n")  # no recipe line: start from the default (demo)
+    assert load_config([f"--config={path}"]).sampling.group_size == 8
+    assert load_config([f"--config={path}"]).recipe == "demo"
+
+
+@pytest.mark.parametrize(
+    "argv, key, expected",
+    [
+        (["--run.epochs", "7"], "run.epochs", 7),
+        (["--run.seed=-0"], "run.seed", 0),
+        (["--optim.lr=1e-5"], "optim.lr", 1e-5),
+        (["--filter.mean_threshold", "-0.5"], "filter.mean_threshold", -0.5),  # a negative number is a value
+        (["--run.out=runs/a b"], "run.out", "runs/a b"),
+        (["--metrics.wandb=true"], "metrics.wandb", True),
+        (["--metrics.progress", "0"], "metrics.progress", False),
+        (["--metrics.wandb", "--run.seed=1"], "metrics.wandb", True),  # a bare bool flag means true
+        (["--metrics.tensorboard"], "metrics.tensorboard", True),
+        (["--filter.rule=none"], "filter.rule", "none"),
+        (["--optim.mixed_precision", "fp16"], "optim.mixed_precision", "fp16"),
+        (["--nft.decay_type=2"], "nft.decay_type", 2),
+        (["--optim.betas=0.8,0.95"], "optim.betas", (0.8, 0.95)),
+        (["--optim.betas", "(0.5, 0.9)"], "optim.betas", (0.5, 0.9)),
+        (["--sampling.guidance_scale=3.5"], "sampling.guidance_scale", 3.5),
+        (["--config", "kontext_edit_r1", "--sampling.guidance_scale=none"], "sampling.guidance_scale", None),
+        (["--checkpoint.keep-latest=3"], "checkpoint.keep_latest", 3),  # dashes read as underscores
+        (["--resume", "latest"], "checkpoint.resume", "latest"),
+        (["--resume=runs/x/checkpoints/step-30"], "checkpoint.resume", "runs/x/checkpoints/step-30"),
+        (["--checkpoint.resume", "latest"], "checkpoint.resume", "latest"),
+        (["--run.epochs=3", "--run.epochs=5"], "run.epochs", 5),  # later wins
+    ],
+)
+def test_cli_overrides_parse_by_field_type(argv, key, expected):
+    value = _get(load_config(argv), key)
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--optm.lr=1"], ["unknown config section 'optm'", "did you mean 'optim'", "sections: run, model"]),
+        (["--optim.l=1"], ["unknown key 'l' in section [optim]", "did you mean 'lr'", "lr, betas, weight_decay"]),
+        (["--optim.lr=abc"], ["optim.lr", "'abc' is not a float"]),
+        (["--run.epochs=2.5"], ["run.epochs", "is not an int"]),
+        (["--filter.rule=papr"], ["filter.rule", "one of paper, code, none", "did you mean 'paper'"]),
+        (["--nft.decay_type=3"], ["nft.decay_type", "one of 0, 1, 2"]),
+        (["--metrics.wandb=maybe"], ["metrics.wandb", "true/false/1/0"]),
+        (["--optim.betas=0.9"], ["optim.betas", "2 values"]),
+        (["--optim.betas=0.9,x"], ["optim.betas[1]", "'x' is not a float"]),
+        (["--seed", "3"], ["unknown option '--seed'", "did you mean '--run.seed'"]),
+        (["--optim.lr"], ["--optim.lr needs a value (float)"]),
+        (["--config", "qwen"], ["neither a recipe nor a file", "did you mean 'qwen_image_edit_r1'", "demo"]),
+        (["--config", "demo", "--config", "demo"], ["--config given twice"]),
+        (["--config", "missing.toml"], ["config file not found: missing.toml"]),
+        (["stray"], ["unexpected argument 'stray'"]),
+    ],
+)
+def test_cli_mistakes_are_config_errors_that_name_them(argv, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    assert isinstance(info.value, ValueError)
+    for needle in needles:
+        assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ('[optimizer]\nlr = 1.0\n', ["unknown config section 'optimizer'", "did you mean 'optim'", "recipe, run"]),
+        ('[optim]\nlearning_rate = 1.0\n', ["unknown key 'learning_rate'", "[optim]", "keys of [optim]: lr"]),
+        ('[optim]\nlr = "fast"\n', ["optim.lr", "'fast' is not a float"]),
+        ('[sampling]\ngroup_size = 12.0\n', ["sampling.group_size", "is not an int"]),
+        ('[run]\nname = 3\n', ["run.name", "not a string"]),
+        ('optim = 3\n', ["[optim] must be a table"]),
+        ('recipe = "qwen_edit"\n', ["unknown recipe 'qwen_edit'", "did you mean 'qwen_image_edit_r1'"]),
+        ('[optim\n', ["not valid TOML"]),
+    ],
+)
+def test_toml_mistakes_are_config_errors(tmp_path, text, needles):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", str(path)])
+    for needle in needles + [str(path)] * ("recipe" not in text):
+        assert needle in str(info.value)
+
+
+def test_validation_lists_every_problem_at_once():
+    argv = ["--nft.timestep_fraction=1.5", "--sampling.group_size=1", "--optim.lr=0", "--model.family=flux",
+            "--optim.betas=0.9,1.0", "--sampling.resolution=100"]
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    message = str(info.value)
+    for needle in ["nft.timestep_fraction must be in (0, 1]", "sampling.group_size (K) must be ≥ 2",
+                   "optim.lr must be > 0", "model.path must name", "optim.betas", "multiple of 16"]:
+        assert needle in message
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--sampling.num_steps=1", "--nft.timestep_fraction=0.5"], "trains 0 timesteps"),
+        (["--config", "qwen_image_edit_r1", "--sampling.guidance_scale=2.5"], "must be none for qwen_image"),
+        (["--optim.steps_per_epoch=3"], "do not split into optim.steps_per_epoch = 3"),
+        (["--sampling.batch_size=5"], "do not split into rollout calls"),
+        (["--reward.backend=local"], "reward.model must name"),
+    ],
+)
+def test_cross_field_constraints(argv, needle):
+    with pytest.raises(ConfigError, match="invalid config") as info:
+        load_config(argv)
+    assert needle in str(info.value)
+
+
+def test_configs_edited_in_python_are_type_checked():
+    cfg = demo()
+    cfg.optim.lr, cfg.filter.rule, cfg.optim.betas, cfg.metrics.wandb = "3e-4", "papr", (0.9,), 1
+    message = "\n".join(cfg.problems())
+    for needle in ["optim.lr: expected float", "filter.rule: 'papr' is not one of", "optim.betas: expected 2",
+                   "metrics.wandb: expected bool"]:
+        assert needle in message
+    with pytest.raises(AttributeError):  # slots: a misspelt attribute is an error, not a new field
+        cfg.optim.learning_rate = 1.0
+
+
+# --------------------------------------------------------------------------------------------------- round trips
+
+
+def _odd_config():
+    """Every field type off its default, floats that print long, and strings that need escaping."""
+    cfg = load_config(["--config", "kontext_edit_r1", "--optim.betas=0.85,0.9990001", "--nft.decay_type=0",
+                       "--optim.lr=3.0000000000000004e-4", "--filter.rule=code", "--metrics.wandb",
+                       "--sampling.guidance_scale=none", "--resume", "latest"])
+    cfg.run.name = 'quote " back\\slash ünï \t tab'
+    cfg.filter.mean_threshold = 0.1 + 0.2
+    return cfg.validate()
+
+
+@pytest.mark.parametrize("make", [demo, kontext_edit_r1, qwen_image_edit_r1, _odd_config])
+@pytest.mark.parametrize("comments", [True, False])
+def test_toml_dump_loads_back_equal(tmp_path, make, comments):
+    cfg = make()
+    path = tmp_path / "dump.toml"
+    path.write_text(config_to_toml(cfg, comments=comments), encoding="utf-8")
+    assert load_config(["--config", str(path)]) == cfg
+
+
+@pytest.mark.parametrize("make", [demo, qwen_image_edit_r1, _odd_config])
+def test_dict_and_json_load_back_equal(make):
+    cfg = make()
+    data = json.loads(json.dumps(config_to_dict(cfg)))
+    assert data["recipe"] == cfg.recipe and set(data) == {"recipe", *SECTIONS}
+    assert config_from_dict(data) == cfg
+
+
+def test_help_and_print_config(capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        load_config(["--config", "qwen_image_edit_r1", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out == format_help(qwen_image_edit_r1())
+    for section, cls in section_types().items():
+        assert f"[{section}]" in out
+        assert all(f"--{section}.{key} " in out for key in field_types(cls))
+    assert "--nft.kl_weight float = 0.0001" in out and "Not the KL weight" in out
+
+    with pytest.raises(SystemExit):
+        load_config(["--config", "qwen_image_edit_r1", "--run.epochs=9", "--print-config"])
+    path = tmp_path / "printed.toml"
+    path.write_text(capsys.readouterr().out, encoding="utf-8")
+    assert load_config(["--config", str(path)]).run.epochs == 9
+
+
+# --------------------------------------------------------------------------------------------------- batch plans
+
+# (recipe, world size) → (per-rank samples, rollout batches/rank, micro-batch, accumulation, steps/epoch, T_train)
+PLANS = {
+    ("qwen_image_edit_r1", 48): (6, 2, 3, 2, 1, 5),  # the reference's 48-GPU run: 2 micro-batches × 5 timesteps
+    ("qwen_image_edit_r1", 8): (36, 12, 3, 12, 1, 5),
+    ("qwen_image_edit_r1", 2): (144, 48, 3, 48, 1, 5),
+    ("qwen_image_edit_r1", 1): (288, 96, 3, 96, 1, 5),
+    ("kontext_edit_r1", 24): (12, 4, 3, 4, 1, 5),  # the reference's 24-GPU run: 4 × 5
+    ("demo", 1): (32, 8, 4, 2, 4, 3),  # K·G = 4 × 8; int(4 × 0.99) = 3
+    ("demo", 2): (16, 4, 4, 1, 4, 3),
+}
+
+
+@pytest.mark.parametrize("recipe, world_size", sorted(PLANS))
+def test_batch_plan_matches_hand_arithmetic(recipe, world_size):
+    plan = batch_plan(build_recipe(recipe), world_size)
+    got = (plan.samples_per_rank, plan.rollout_batches_per_rank, plan.micro_batch_size,
+           plan.grad_accum_micro_batches, plan.optimizer_steps_per_epoch, plan.train_timesteps)
+    assert got == PLANS[recipe, world_size]
+    assert plan.samples_per_epoch == plan.samples_per_rank * world_size
+    assert plan.backward_passes_per_step == plan.grad_accum_micro_batches * plan.train_timesteps
+    assert str(plan.samples_per_epoch) in plan.summary()
+
+
+def test_batch_plan_prompts_per_rollout():
+    assert batch_plan(qwen_image_edit_r1(), 48).prompts_per_rollout == 12  # the reference table's 12 and 6
+    assert batch_plan(kontext_edit_r1(), 24).prompts_per_rollout == 6
+    assert batch_plan(qwen_image_edit_r1(), 1).prompts_per_rollout == 0.25  # groups straddle rollout calls
+
+
+def test_batch_plan_errors_say_the_numbers_and_what_would_work():
+    with pytest.raises(ConfigError) as info:
+        batch_plan(qwen_image_edit_r1(), 5)
+    message = str(info.value)
+    for needle in ["5 rank(s)", "12 × 24 = 288", "5 rank(s) × sampling.batch_size 3 = 15", "288 % 15 = 3",
+                   "valid world sizes are 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96",
+                   "valid sampling.batch_size values are none"]:
+        assert needle in message
+
+    cfg = qwen_image_edit_r1()
+    cfg.sampling.batch_size = 5
+    with pytest.raises(ConfigError) as info:
+        batch_plan(cfg, 8)
+    assert "on 8 rank(s) valid sampling.batch_size values are 1, 2, 3, 4, 6, 9, 12, 18, 36" in str(info.value)
+
+    cfg = qwen_image_edit_r1()
+    cfg.optim.steps_per_epoch = 4
+    with pytest.raises(ConfigError) as info:
+        batch_plan(cfg, 48)
+    assert "the 2 rollout batches per rank" in str(info.value) and "valid steps_per_epoch here: 1, 2" in str(info.value)
+    assert batch_plan(cfg, 24).grad_accum_micro_batches == 1
+
+    for bad in (0, -1, True, 2.0):
+        with pytest.raises(ConfigError, match="world_size"):
+            batch_plan(cfg, bad)
