@@ -30,6 +30,7 @@ PYTEST_STEPS=(
 )
 BENCHES=(
   "bench_nft_loss|150|0|$PY bench/bench_nft_loss.py"
+  "bench_attention|200|0|$PY bench/bench_attention.py --shape kontext_512_b1,kontext_1024_b1,qwen_image_edit_512_b1,qwen_image_edit_1024_b1,paper_n4096"
 )
 
 START=$(date +%s)

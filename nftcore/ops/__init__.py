@@ -3,8 +3,9 @@
 Importing this package costs torch (and triton, when a kernel is first used) - nothing heavier.
 """
 
+from .attention import attention
 from .dispatch import Backend, last_backend, select_backend
 from .nft_loss import nft_loss
 from .reference import NFTLossOutput
 
-__all__ = ["Backend", "NFTLossOutput", "last_backend", "nft_loss", "select_backend"]
+__all__ = ["Backend", "NFTLossOutput", "attention", "last_backend", "nft_loss", "select_backend"]
