@@ -8,6 +8,22 @@ FSDP2 see a single opaque node; behind each, `dispatch` picks the backend. The r
 
 with S = loss_scale, w = negative_weight, n the elements per sample, d the detached mean |e| per branch and c_i the
 incoming gradient routed to sample i (β cancels between the 1/β scale and ∂v±/∂v_θ = ±β).
+
+The Triton backend (`kernels/nft_loss.py`, fp16/bf16/fp32; fp64 always takes the reference) computes the outputs AND
+∂loss/∂v_θ (c_i = m_i/max(Σm, 1)) in the forward, in two launches, because `loss` is terminal: the usual backward,
+`out.loss.backward()`, then only scales that cached gradient by grad_loss (one elementwise multiply, not another pass
+over the inputs). How the backward knows it is in that case without a device sync: the autograd node does not
+materialise gradients, so an output nobody differentiated arrives as None. When policy_loss, kl_loss or per_sample
+does get a gradient (anything but None), the general closed-form backward above runs instead, exact for every mix
+(Triton: the same two kernels again with per-sample routes c_i, c'_i; create_graph=True also takes this path).
+
+The forward writes the cached gradient only when v_θ requires grad under grad mode (`want_grad`). Both backends honour
+`want_grad` (the reference evaluates the closed form with grad_loss = 1), so the op's output shapes never depend on the
+backend. Memory: the cached gradient is one extra [B, ...] tensor in v_θ's dtype held until backward. The inputs are
+kept too (references, not copies): only the general backward needs them, but no one can know at forward time
+whether it will run, and dropping them would need a second cached [B, ...] field (the KL part separately) for the
+policy/KL split. The gradient is rounded to v_θ's dtype once in the forward and once more after the grad_loss
+scaling: within one ulp of a single rounding for bf16/fp16 when grad_loss ≠ 1, exact when grad_loss = 1.
 """
 
 from __future__ import annotations
@@ -21,12 +37,31 @@ from .reference import MIN_X0_ERROR, NFTLossOutput, compute_dtype, nft_loss_refe
 OP = "nft_loss"
 
 
-def _reference_forward(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight):
-    out = nft_loss_reference(
-        v_theta, v_old, x_t, x0, t, r, beta=beta, loss_scale=loss_scale, mask=mask, v_ref=v_ref,
-        kl_weight=kl_weight, negative_weight=negative_weight,
-    )
-    return tuple(out)
+def _reference_forward(
+    v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad,
+):
+    with torch.no_grad():  # the op's autograd formula is the closed form, never autograd through the reference
+        out = nft_loss_reference(
+            v_theta, v_old, x_t, x0, t, r, beta=beta, loss_scale=loss_scale, mask=mask, v_ref=v_ref,
+            kl_weight=kl_weight, negative_weight=negative_weight,
+        )
+    if want_grad:
+        one, zero = out.loss.new_ones(()), out.loss.new_zeros(())
+        grad = _reference_backward(one, zero, zero, zero.expand(v_theta.shape[0]), v_theta, v_old, x_t, x0, t, r,
+                                   mask, v_ref, beta, loss_scale, kl_weight, negative_weight)
+    else:
+        grad = v_theta.new_empty((0,))
+    return tuple(out) + (grad,)
+
+
+def _routes(grad_loss, grad_policy, grad_kl, grad_per_sample, mask, cd):
+    """[B] gradients reaching sample i's policy and KL terms: d(masked_mean)/d(per-sample value) = m_i/max(Σm, 1),
+    and per_sample feeds both terms directly."""
+    m = mask.to(cd)
+    denom = m.sum().clamp_min(1.0)
+    route_policy = (grad_loss.to(cd) + grad_policy.to(cd)) * m / denom + grad_per_sample.to(cd)
+    route_kl = (grad_loss.to(cd) + grad_kl.to(cd)) * m / denom + grad_per_sample.to(cd)
+    return route_policy, route_kl
 
 
 def _reference_backward(
@@ -37,14 +72,11 @@ def _reference_backward(
     batch = v_theta.shape[0]
     dims = tuple(range(1, v_theta.dim()))
     view = (batch,) + (1,) * (v_theta.dim() - 1)
-    n = v_theta[0].numel()
+    n = max(v_theta.shape[1:].numel(), 1)  # the max: an empty batch or sample has an empty gradient anyway
 
     v, v_o, xt, x0c = v_theta.to(cd), v_old.to(cd), x_t.to(cd), x0.to(cd)
-    tt, rr, m = t.to(cd), r.to(cd), mask.to(cd)
-    denom = m.sum().clamp_min(1.0)
-    # d(masked_mean)/d(per-sample value) = m_i/denom; per_sample feeds both terms directly.
-    route_policy = (grad_loss.to(cd) + grad_policy.to(cd)) * m / denom + grad_per_sample.to(cd)
-    route_kl = (grad_loss.to(cd) + grad_kl.to(cd)) * m / denom + grad_per_sample.to(cd)
+    tt, rr = t.to(cd), r.to(cd)
+    route_policy, route_kl = _routes(grad_loss, grad_policy, grad_kl, grad_per_sample, mask, cd)
 
     def normalised_error(v_branch: torch.Tensor) -> torch.Tensor:
         err = (xt - tt.view(view) * v_branch) - x0c
@@ -59,8 +91,46 @@ def _reference_backward(
     return grad.to(v_theta.dtype)
 
 
-_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward}
-_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_backward}
+# ----------------------------------------------------------------------------------------------------------------
+# Triton backend (loaded lazily so `TRITON_INTERPRET` can be set first).
+
+
+def _triton_forward_impl():
+    from nftcore.kernels.nft_loss import nft_loss_forward
+
+    def impl(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad):
+        return nft_loss_forward(
+            v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta=beta, loss_scale=loss_scale, kl_weight=kl_weight,
+            negative_weight=negative_weight, want_grad=want_grad, min_x0_error=MIN_X0_ERROR,
+        )
+
+    return impl
+
+
+def _triton_backward_impl():
+    from nftcore.kernels.nft_loss import nft_loss_backward
+
+    def impl(grad_loss, grad_policy, grad_kl, grad_per_sample,
+             v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight):
+        route_policy, route_kl = _routes(grad_loss, grad_policy, grad_kl, grad_per_sample, mask, torch.float32)
+        return nft_loss_backward(
+            route_policy, route_kl, v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta=beta, loss_scale=loss_scale,
+            kl_weight=kl_weight, negative_weight=negative_weight, min_x0_error=MIN_X0_ERROR,
+        )
+
+    return impl
+
+
+_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward, Backend.TRITON: _triton_forward_impl}
+_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_backward, Backend.TRITON: _triton_backward_impl}
+
+
+def _impls_for(impls, *tensors):
+    """The backends that handle these inputs: fp64 (gradcheck, oracles) is the reference's alone - the kernels
+    accumulate in fp32, which would silently lower an fp64 caller's precision - and so are empty inputs (no grid)."""
+    if compute_dtype(*tensors) == torch.float64 or tensors[0].numel() == 0:
+        return {Backend.REFERENCE: impls[Backend.REFERENCE]}
+    return impls
 
 
 @torch.library.custom_op("nftcore::nft_loss", mutates_args=())
@@ -77,16 +147,19 @@ def _nft_loss_op(
     loss_scale: float,
     kl_weight: float,
     negative_weight: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = dispatch(OP, v_theta.device, _FORWARD_IMPLS)
-    return impl(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight)
+    want_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The six NFTLossOutput fields, then ∂loss/∂v_θ (v_θ's shape and dtype) if `want_grad`, else an empty [0]."""
+    impl = dispatch(OP, v_theta.device, _impls_for(_FORWARD_IMPLS, v_theta, v_old, x_t, x0, v_ref))
+    return impl(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad)
 
 
 @_nft_loss_op.register_fake
-def _(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight):
+def _(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad=False):
     cd = compute_dtype(v_theta, v_old, x_t, x0, v_ref)
     scalar = lambda: v_theta.new_empty((), dtype=cd)  # noqa: E731
-    return scalar(), scalar(), scalar(), v_theta.new_empty((v_theta.shape[0],), dtype=cd), scalar(), scalar()
+    grad = torch.empty_like(v_theta) if want_grad else v_theta.new_empty((0,))
+    return scalar(), scalar(), scalar(), v_theta.new_empty((v_theta.shape[0],), dtype=cd), scalar(), scalar(), grad
 
 
 @torch.library.custom_op("nftcore::nft_loss_backward", mutates_args=())
@@ -108,7 +181,7 @@ def _nft_loss_backward_op(
     kl_weight: float,
     negative_weight: float,
 ) -> torch.Tensor:
-    impl = dispatch(OP + "_backward", v_theta.device, _BACKWARD_IMPLS)
+    impl = dispatch(OP + "_backward", v_theta.device, _impls_for(_BACKWARD_IMPLS, v_theta, v_old, x_t, x0, v_ref))
     return impl(
         grad_loss, grad_policy, grad_kl, grad_per_sample,
         v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight,
@@ -121,29 +194,44 @@ def _(grad_loss, grad_policy, grad_kl, grad_per_sample, v_theta, *rest):
 
 
 def _setup_context(ctx, inputs, output):
-    v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight = inputs
+    v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad = inputs
+    cached_grad = output[6]
     ctx.has_v_ref = v_ref is not None
-    saved = (v_theta, v_old, x_t, x0, t, r, mask) + ((v_ref,) if ctx.has_v_ref else ())
+    ctx.has_cached_grad = bool(want_grad)
+    saved = (v_theta, v_old, x_t, x0, t, r, mask, cached_grad) + ((v_ref,) if ctx.has_v_ref else ())
     ctx.save_for_backward(*saved)
     ctx.hyper = (beta, loss_scale, kl_weight, negative_weight)
+    ctx.mark_non_differentiable(cached_grad)
+    # Outputs nobody differentiated arrive as None instead of zeros: that is how `_backward` tells the plain
+    # `loss.backward()` (cached gradient) from the general case without looking at the gradients' values.
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_loss, grad_policy, grad_kl, grad_per_sample, _grad_old_deviate, _grad_x0_norm):
+def _backward(ctx, grad_loss, grad_policy, grad_kl, grad_per_sample, _grad_old_deviate, _grad_x0_norm, _grad_cache):
     saved = ctx.saved_tensors
-    v_theta, v_old, x_t, x0, t, r, mask = saved[:7]
-    v_ref = saved[7] if ctx.has_v_ref else None
-    zero = v_theta.new_zeros(())
+    v_theta, v_old, x_t, x0, t, r, mask, cached_grad = saved[:8]
+    v_ref = saved[8] if ctx.has_v_ref else None
     grad_v_theta = None
-    if ctx.needs_input_grad[0]:
+    if not ctx.needs_input_grad[0] or all(g is None for g in (grad_loss, grad_policy, grad_kl, grad_per_sample)):
+        pass
+    elif (ctx.has_cached_grad and grad_policy is None and grad_kl is None and grad_per_sample is None
+          and not torch.is_grad_enabled()):
+        # Out of place: a retained graph may run this backward again. Not under create_graph (grad mode on): the
+        # cached gradient is a constant, so a double backward through it would be silently wrong, while the
+        # general path's op raises there (it has no autograd formula).
+        grad_v_theta = torch.mul(cached_grad, grad_loss)
+    else:
+        zero = v_theta.new_zeros((), dtype=torch.float32)
         grad_v_theta = _nft_loss_backward_op(
             zero if grad_loss is None else grad_loss,
             zero if grad_policy is None else grad_policy,
             zero if grad_kl is None else grad_kl,
-            v_theta.new_zeros((v_theta.shape[0],)) if grad_per_sample is None else grad_per_sample,
+            zero.expand(v_theta.shape[0]) if grad_per_sample is None else grad_per_sample,
             v_theta, v_old, x_t, x0, t, r, mask, v_ref, *ctx.hyper,
         )
-    # Only v_theta is trained: v_old, x_t, x0, t, r, mask, v_ref and the four hyper-parameters get no gradient.
-    return (grad_v_theta,) + (None,) * 11
+    # Only v_theta is trained: v_old, x_t, x0, t, r, mask, v_ref, the four hyper-parameters and want_grad get no
+    # gradient.
+    return (grad_v_theta,) + (None,) * 12
 
 
 _nft_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -209,7 +297,9 @@ def nft_loss(
         kl_weight: weight of that regulariser (needs `v_ref` when non-zero).
         negative_weight: weight of the negative branch; 0 is the positive-only ablation.
 
-    All arithmetic accumulates in fp32 (fp64 for fp64 inputs); the outputs are in that dtype.
+    All arithmetic accumulates in fp32 (fp64 for fp64 inputs); the outputs are in that dtype. On CUDA (fp16/bf16/fp32)
+    the Triton backend computes everything, and ∂loss/∂v_θ when v_theta requires grad, in two launches; backpropagating
+    `loss` alone then costs one multiply (see the module docstring for the memory this holds).
     """
     _check_inputs(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, kl_weight)
     cd = compute_dtype(v_theta, v_old, x_t, x0, v_ref)
@@ -219,7 +309,7 @@ def nft_loss(
     outputs = _nft_loss_op(
         v_theta, v_old.detach(), x_t.detach(), x0.detach(), t.detach(), r.detach(), mask_f,
         None if v_ref is None else v_ref.detach(), float(beta), float(loss_scale), float(kl_weight),
-        float(negative_weight),
+        float(negative_weight), torch.is_grad_enabled() and v_theta.requires_grad,
     )
     out = NFTLossOutput(*outputs[:4], outputs[4].detach(), outputs[5].detach())
     if not torch.compiler.is_compiling():
