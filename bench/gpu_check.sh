@@ -26,11 +26,12 @@ BUDGET_S=${GPU_CHECK_BUDGET_S:-450}   # the whole script; leaves room in an 8-mi
 # pytest's 5 means "no tests collected": accepted for the GPU-marked tests only (there may be none yet).
 PYTEST_STEPS=(
   "pytest_gpu|240|0 5|$PY -m pytest -m gpu -q -p no:cacheprovider"
-  "pytest_aot|90|0|$PY -m pytest -q -p no:cacheprovider tests/test_aot.py"
+  "pytest_aot|150|0|$PY -m pytest -q -p no:cacheprovider tests/test_aot.py -k 'sm90 or aot or compile' tests/test_attention_triton.py tests/test_nft_loss_triton.py tests/test_score_logits.py"
 )
 BENCHES=(
   "bench_nft_loss|150|0|$PY bench/bench_nft_loss.py"
   "bench_attention|200|0|$PY bench/bench_attention.py --shape kontext_512_b1,kontext_1024_b1,qwen_image_edit_512_b1,qwen_image_edit_1024_b1,paper_n4096"
+  "bench_score_logits|120|0|$PY bench/bench_score_logits.py"
 )
 
 START=$(date +%s)

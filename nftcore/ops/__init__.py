@@ -7,5 +7,6 @@ from .attention import attention
 from .dispatch import Backend, last_backend, select_backend
 from .nft_loss import nft_loss
 from .reference import NFTLossOutput
+from .score_logits import score_logits
 
-__all__ = ["Backend", "NFTLossOutput", "attention", "last_backend", "nft_loss", "select_backend"]
+__all__ = ["Backend", "NFTLossOutput", "attention", "last_backend", "nft_loss", "score_logits", "select_backend"]
