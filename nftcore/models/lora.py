@@ -1,0 +1,571 @@
+"""Built-in LoRA: named adapters on (possibly fused) Linear layers, equal to PEFT LoRA on diffusers' modules.
+
+Why not peft at run time: the MMDiT fuses diffusers' separate projections (to_q | to_k | to_v, and in FLUX single
+blocks also proj_mlp) into one Linear per stream. PEFT would put one LoRA pair on the fused layer, a different
+parameterisation from the released Edit-R1 checkpoints, whose pairs sit on each diffusers module. `LoRALinear` keeps
+one pair per *segment* of output rows instead:
+
+    y = x Wᵀ + b,   y[rows_s] += scale · (x A_sᵀ) B_sᵀ      A_s [r, in], B_s [out_s, r], scale = alpha / r
+
+which is exactly PEFT's LoRA on each separate module (same init, same parameters, same gradients; AdamW and global-norm
+clipping are elementwise/global, so training dynamics match too). The A's of all segments run as one GEMM
+(`x · cat(A_s)ᵀ` → [.., S·r]), then one small GEMM per segment; rows without a segment (e.g. the MLP rows of a FLUX
+single block when only attention is adapted) get no LoRA.
+
+Adapters: every LoRA layer carries the same named adapters (default "default" = trained θ, "old" = sampling policy,
+ALGORITHM.md §1.5). One adapter is active at a time; `adapters_disabled` gives the base (reference) velocity from the
+same weights. `adapter_state(model, name)` names every tensor by its diffusers/PEFT key, so the old-policy soft
+update is `soft_update_(adapter_state(m, "old"), adapter_state(m, "default"), eta)` and the EMA, export and import all
+speak the same names.
+
+Where targets come from (`default_targets`): a model with fused layers may provide
+
+    model.lora_targets(include_mlp: bool) -> dict[str, list[tuple[str, slice]]]
+
+mapping each Linear's path in `model.named_modules()` to its segments: (diffusers module path relative to the
+transformer root, slice of the Linear's output rows), e.g. {"double_blocks.0.img_qkv": [("transformer_blocks.0.attn.
+to_q", slice(0, 3072)), ("transformer_blocks.0.attn.to_k", slice(3072, 6144)), ...]}. Without the hook an `MMDiT`'s
+targets are derived from its loader's name table (`checkpoint_io.key_map`, via `targets_from_key_map`), and models
+named like diffusers (one Linear per module) are matched by suffix (`targets_from_suffixes`).
+
+Apply LoRA after loading the base weights and before FSDP sharding / torch.compile. The base weight and bias keep
+their Parameter objects and state-dict names (`LoRALinear` *is* an `nn.Linear`); adapter tensors add
+`<path>.lora_A.<adapter>.<segment index>` / `lora_B` entries to `model.state_dict()`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nftcore.nft.old_policy import soft_update_
+
+# Edit-R1's targets (ALGORITHM.md §1.7): the attention projections of every block, by diffusers module-name suffix.
+# Suffix matching also hits FLUX single blocks' attn.to_q/k/v (they have no to_out: proj_out is their output).
+ATTENTION_SUFFIXES = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
+# The optional MLP targets: FLUX double blocks (ff, ff_context), Qwen-Image blocks (img_mlp, txt_mlp), FLUX single
+# blocks (proj_mlp in, proj_out out; proj_out also reads the attention output).
+MLP_SUFFIXES = (
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2",
+    "proj_mlp", "proj_out",
+)
+
+Targets = Mapping[str, Sequence[tuple[str, slice]]]
+_ADAPTER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One diffusers module inside a (possibly fused) Linear: its name and its output rows [start, stop)."""
+
+    name: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def _check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter names must be identifiers (letters, digits, _), got {name!r}")
+
+
+def _normalize_segments(segments: Sequence[tuple[str, slice]], out_features: int, where: str) -> tuple[Segment, ...]:
+    """(name, slice) pairs → Segments sorted by row, checked to be in range, non-empty and non-overlapping."""
+    result = []
+    for entry in segments:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], slice)):
+            raise ValueError(f"{where}: a segment must be (diffusers_name, slice), got {entry!r}")
+        name, rows = entry
+        start, stop, step = rows.indices(out_features)
+        if step != 1 or rows.step not in (None, 1):
+            raise ValueError(f"{where}: segment {name!r} must be a contiguous slice, got {rows}")
+        if (rows.start is not None and rows.start != start) or (rows.stop is not None and rows.stop != stop):
+            raise ValueError(f"{where}: segment {name!r} slice {rows} is outside the {out_features} output rows")
+        if stop <= start:
+            raise ValueError(f"{where}: segment {name!r} slice {rows} is empty")
+        result.append(Segment(str(name), start, stop))
+    if not result:
+        raise ValueError(f"{where}: no segments given")
+    result.sort(key=lambda s: s.start)
+    for before, after in zip(result, result[1:]):
+        if after.start < before.stop:
+            raise ValueError(f"{where}: segments {before.name!r} and {after.name!r} overlap")
+    return tuple(result)
+
+
+class LoRALinear(nn.Linear):
+    """An `nn.Linear` (sharing the original's frozen weight and bias) plus named LoRA adapters, one pair per segment.
+
+    Build with `LoRALinear.from_linear`; `apply_lora` does that for a whole model. The forward adds the active
+    adapter's update unless adapters are disabled or that adapter is merged into the weight.
+    """
+
+    def __init__(self, linear: nn.Linear, segments: Sequence[tuple[str, slice]] | None = None, *, where: str = ""):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the weight is shared, not allocated
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        if segments is None:
+            segments = [(where, slice(0, self.out_features))]
+        self.segments = _normalize_segments(segments, self.out_features, where or "LoRALinear")
+        self.lora_A = nn.ModuleDict()  # adapter → ParameterList of A_s [r, in]
+        self.lora_B = nn.ModuleDict()  # adapter → ParameterList of B_s [out_s, r]
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.disabled = False
+        self.merged_adapter: str | None = None
+        # output rows in order: (start, stop, segment index or None for rows without LoRA)
+        self._runs: list[tuple[int, int, int | None]] = []
+        row = 0
+        for index, seg in enumerate(self.segments):
+            if seg.start > row:
+                self._runs.append((row, seg.start, None))
+            self._runs.append((seg.start, seg.stop, index))
+            row = seg.stop
+        if row < self.out_features:
+            self._runs.append((row, self.out_features, None))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, segments: Sequence[tuple[str, slice]] | None = None, *,
+                    where: str = "") -> LoRALinear:
+        """Wrap `linear` (weights shared, not copied). `segments` default to one covering all rows, named `where`."""
+        if type(linear) is not nn.Linear:
+            raise TypeError(f"{where or 'LoRALinear'}: can only wrap a plain nn.Linear, got {type(linear).__name__}")
+        return cls(linear, segments, where=where)
+
+    # ------------------------------------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, rank: int, alpha: float, *, init: str = "gaussian",
+                    dtype: torch.dtype | None = torch.float32, generator: torch.Generator | None = None) -> None:
+        """New adapter: A ~ N(0, (1/r)²) (PEFT's `init_lora_weights="gaussian"`, std = 1/r), B = 0, or all zeros
+        with `init="zeros"`. Adapter tensors default to fp32 whatever the base dtype, so the optimizer, the
+        old-policy blend and the EMA work at full precision; the forward casts at the boundary, as PEFT does."""
+        _check_adapter_name(name)
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"rank must be a positive int, got {rank!r}")
+        if init not in ("gaussian", "zeros"):
+            raise ValueError(f"init must be 'gaussian' or 'zeros', got {init!r}")
+        factory = dict(device=self.weight.device, dtype=dtype or self.weight.dtype)
+        a_list, b_list = nn.ParameterList(), nn.ParameterList()
+        for seg in self.segments:
+            a = torch.zeros(rank, self.in_features, **factory)
+            if init == "gaussian":
+                a.normal_(0.0, 1.0 / rank, generator=generator)
+            a_list.append(nn.Parameter(a))
+            b_list.append(nn.Parameter(torch.zeros(seg.size, rank, **factory)))
+        self.lora_A[name], self.lora_B[name] = a_list, b_list
+        self.rank[name], self.alpha[name] = rank, float(alpha)
+
+    def scale(self, name: str) -> float:
+        return self.alpha[name] / self.rank[name]
+
+    def adapter_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """`{"<diffusers module>.lora_A.weight": A_s, "<…>.lora_B.weight": B_s}` for each segment (live Parameters)."""
+        out = {}
+        for seg, a, b in zip(self.segments, self.lora_A[name], self.lora_B[name]):
+            out[f"{seg.name}.lora_A.weight"] = a
+            out[f"{seg.name}.lora_B.weight"] = b
+        return out
+
+    # -------------------------------------------------------------------------------------------------- forward
+
+    def _adapter_in_use(self) -> str | None:
+        """The adapter to add in forward; raises if a merged adapter would be silently wrong."""
+        if self.merged_adapter is not None:
+            if self.disabled or self.active_adapter != self.merged_adapter:
+                raise RuntimeError(
+                    f"adapter {self.merged_adapter!r} is merged into the base weight; unmerge it before disabling "
+                    f"adapters or switching to {self.active_adapter!r}"
+                )
+            return None
+        if self.disabled:
+            return None
+        return self.active_adapter
+
+    def _cat_a(self, name: str) -> torch.Tensor:
+        """All segments' A stacked [S·r, in], so the first LoRA GEMM is one call."""
+        a_list = self.lora_A[name]
+        return a_list[0] if len(a_list) == 1 else torch.cat(list(a_list))
+
+    def _add_update(self, y: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
+        """y plus each segment's h_s B_sᵀ on its rows, where h = scale · x A_catᵀ [.., S·r]."""
+        b_list = self.lora_B[name]
+        parts = h.split(self.rank[name], dim=-1) if len(b_list) > 1 else (h,)
+        deltas = {seg.start: F.linear(part, b).to(y.dtype) for seg, part, b in zip(self.segments, parts, b_list)}
+        if len(self._runs) == 1:
+            return y + deltas[0]
+        return torch.cat([y[..., a:b] if s is None else y[..., a:b] + deltas[a] for a, b, s in self._runs], dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        name = self._adapter_in_use()
+        if name is None:
+            return y
+        a = self._cat_a(name)
+        return self._add_update(y, F.linear(x.to(a.dtype), a) * self.scale(name), name)
+
+    def forward_split_input(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+        """`self(torch.cat(parts, -1))` without materialising the concatenation (FLUX single blocks' proj_out reads
+        [attn ; mlp]): one GEMM per input column block, on the base weight and on A alike."""
+        widths = [p.shape[-1] for p in parts]
+        if sum(widths) != self.in_features:
+            raise ValueError(f"input parts of widths {widths} do not add up to in_features {self.in_features}")
+        y = _split_input_linear(parts, self.weight.split(widths, dim=1), self.bias)
+        name = self._adapter_in_use()
+        if name is None:
+            return y
+        a = self._cat_a(name)
+        h = _split_input_linear([p.to(a.dtype) for p in parts], a.split(widths, dim=1), None) * self.scale(name)
+        return self._add_update(y, h, name)
+
+    # ------------------------------------------------------------------------------------------------ merging
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """W[rows_s] += scale · B_s A_s (computed in fp32, rounded once to the weight's dtype)."""
+        if self.merged_adapter is not None:
+            raise RuntimeError(f"adapter {self.merged_adapter!r} is already merged")
+        self._add_to_weight(name, +1.0)
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the merged update again (bit-exact only for fp32 weights; low precision rounds twice)."""
+        if self.merged_adapter is None:
+            return
+        self._add_to_weight(self.merged_adapter, -1.0)
+        self.merged_adapter = None
+
+    def _add_to_weight(self, name: str, sign: float) -> None:
+        scale = sign * self.scale(name)
+        for seg, a, b in zip(self.segments, self.lora_A[name], self.lora_B[name]):
+            rows = self.weight[seg.start:seg.stop]
+            update = (b.float() @ a.float()) * scale
+            rows.copy_((rows.float() + update.to(rows.device)).to(rows.dtype))
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.lora_A)
+        segs = ", ".join(f"{s.name}[{s.start}:{s.stop}]" for s in self.segments)
+        return f"{super().extra_repr()}, adapters=[{names}], active={self.active_adapter!r}, segments=[{segs}]"
+
+
+def _split_input_linear(parts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """Σ_i parts[i] · weights[i]ᵀ (+ bias), chaining addmm so no [.., Σ in_i] concatenation is built."""
+    lead = parts[0].shape[:-1]
+    flat = [p.reshape(-1, p.shape[-1]) for p in parts]
+    out = F.linear(flat[0], weights[0], bias)
+    for part, w in zip(flat[1:], weights[1:]):
+        out = torch.addmm(out, part, w.t())
+    return out.view(*lead, out.shape[-1])
+
+
+def split_input_linear(linear: nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`linear(torch.cat(parts, -1))` without the concatenation, LoRA-aware: for a model layer that is fed several
+    input blocks (FLUX single blocks' proj_out reads [attn ; mlp]). Models should call this instead of slicing
+    `linear.weight` directly, otherwise a LoRA on that layer is silently skipped."""
+    if isinstance(linear, LoRALinear):
+        return linear.forward_split_input(parts)
+    widths = [p.shape[-1] for p in parts]
+    return _split_input_linear(parts, linear.weight.split(widths, dim=1), linear.bias)
+
+
+# ------------------------------------------------------------------------------------------------ model level
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRALinear by module path, in module order."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers; call apply_lora first")
+    return layers
+
+
+def _check_has_adapter(layers: Mapping[str, LoRALinear], name: str) -> None:
+    missing = [path for path, layer in layers.items() if name not in layer.lora_A]
+    if missing:
+        known = sorted(next(iter(layers.values())).lora_A.keys())
+        raise ValueError(f"adapter {name!r} not found on {len(missing)} LoRA layer(s) (e.g. {missing[0]}); "
+                         f"known adapters: {known}")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Adapter names present on the model's LoRA layers (those of the first layer; all layers carry the same)."""
+    layers = lora_layers(model)
+    return list(next(iter(layers.values())).lora_A.keys()) if layers else []
+
+
+def lora_suffixes(include_mlp: bool = False) -> tuple[str, ...]:
+    """Edit-R1's diffusers module suffixes (attention projections), plus the MLPs when asked."""
+    return ATTENTION_SUFFIXES + (MLP_SUFFIXES if include_mlp else ())
+
+
+def _matches(name: str, suffixes: Sequence[str]) -> bool:
+    """`name` ends with `.<suffix>`. Unlike PEFT's rule, a bare top-level name never matches, so "proj_out" hits
+    the FLUX single blocks' proj_out but not the model's final `proj_out`."""
+    return any(name.endswith("." + s) for s in suffixes)
+
+
+def targets_from_suffixes(model: nn.Module, suffixes: Sequence[str]) -> dict[str, list[tuple[str, slice]]]:
+    """Targets for a model named like diffusers (unfused): every nn.Linear whose path ends with `.<suffix>` gets
+    one LoRA pair over all its rows, named by its own path."""
+    return {path: [(path, slice(0, module.out_features))] for path, module in model.named_modules()
+            if isinstance(module, nn.Linear) and _matches(path, suffixes)}
+
+
+def targets_from_key_map(key_map: Mapping[str, Sequence[tuple[str, int]]],
+                         suffixes: Sequence[str]) -> dict[str, list[tuple[str, slice]]]:
+    """Targets from a loader's name table `{"<ours>.weight": [("<diffusers>.weight", rows), ...]}` (several parts =
+    stacked along the output dim in that order, as `nftcore.models.checkpoint_io.key_map` describes fused
+    Linears): each diffusers module matching a suffix becomes a segment over its rows of our Linear."""
+    targets: dict[str, list[tuple[str, slice]]] = {}
+    for ours, parts in key_map.items():
+        if not ours.endswith(".weight"):
+            continue
+        row, segments = 0, []
+        for theirs, rows in parts:
+            module = theirs.removesuffix(".weight")
+            if theirs.endswith(".weight") and _matches(module, suffixes):
+                segments.append((module, slice(row, row + rows)))
+            row += rows
+        if segments:
+            targets[ours.removesuffix(".weight")] = segments
+    return targets
+
+
+def default_targets(model: nn.Module, include_mlp: bool = False) -> dict[str, list[tuple[str, slice]]]:
+    """Where LoRA goes by default, first that applies: the model's `lora_targets(include_mlp)` hook; for an
+    `MMDiT`, its checkpoint name table (`checkpoint_io.key_map`); else diffusers-style suffix matching."""
+    hook = getattr(model, "lora_targets", None)
+    if callable(hook):
+        return dict(hook(include_mlp=include_mlp))
+    from .config import MMDiTConfig  # same package; imported lazily so lora.py stands alone for unfused models
+
+    if isinstance(getattr(model, "config", None), MMDiTConfig):
+        from .checkpoint_io import key_map
+
+        return targets_from_key_map(key_map(model.config), lora_suffixes(include_mlp))
+    return targets_from_suffixes(model, lora_suffixes(include_mlp))
+
+
+def apply_lora(
+    model: nn.Module,
+    *,
+    targets: Targets | Sequence[str] | None = None,
+    rank: int = 32,
+    alpha: float = 64.0,
+    adapter_names: Sequence[str] = ("default", "old"),
+    include_mlp: bool = False,
+    trainable: str | None = "default",
+    init: str = "gaussian",
+    dtype: torch.dtype | None = torch.float32,
+    generator: torch.Generator | None = None,
+) -> dict[str, LoRALinear]:
+    """Wrap the target Linears in `LoRALinear` and give each the named adapters; return the layers by path.
+
+    targets: {module path: [(diffusers name, output-row slice), ...]}, or a list of diffusers-style suffixes
+    (`targets_from_suffixes`), or None for `default_targets(model, include_mlp)`. The first adapter is initialised
+    (gaussian A, zero B) and copied into the others (Edit-R1: "old" starts as a copy of "default"), then made
+    active. All base parameters of the model are frozen; only `trainable`'s adapter parameters require grad (None:
+    nothing trainable). Calling again on already-wrapped layers adds new adapter names (same segments required).
+    """
+    names = list(adapter_names)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"adapter_names must be non-empty and unique, got {names}")
+    for name in names:
+        _check_adapter_name(name)
+    if targets is None:
+        targets = default_targets(model, include_mlp)
+    elif not isinstance(targets, Mapping):
+        targets = targets_from_suffixes(model, list(targets))
+    if not targets:
+        raise ValueError(f"no LoRA targets found in {type(model).__name__}")
+
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+    if init not in ("gaussian", "zeros"):
+        raise ValueError(f"init must be 'gaussian' or 'zeros', got {init!r}")
+
+    # validate everything before touching the model, so a bad call leaves it unchanged
+    modules = dict(model.named_modules())
+    missing = [path for path in targets if path not in modules]
+    if missing:
+        raise ValueError(f"LoRA targets not found in the model: {missing}")
+    seen: dict[str, str] = {}
+    plan: dict[str, tuple[nn.Linear, tuple[Segment, ...]]] = {}
+    for path, segments in targets.items():
+        module = modules[path]
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"LoRA target {path} is a {type(module).__name__}, not an nn.Linear")
+        wanted = _normalize_segments(segments, module.out_features, path)
+        if isinstance(module, LoRALinear):
+            if wanted != module.segments:
+                raise ValueError(f"{path} already has LoRA with segments {module.segments}, not {wanted}")
+            clash = [n for n in names if n in module.lora_A]
+            if clash:
+                raise ValueError(f"{path} already has adapter(s) {clash}")
+        elif type(module) is not nn.Linear:
+            raise ValueError(f"LoRA target {path} is a {type(module).__name__}; only plain nn.Linear is supported")
+        for seg in wanted:
+            if seg.name in seen:
+                raise ValueError(f"diffusers name {seg.name!r} is claimed by both {seen[seg.name]} and {path}")
+            seen[seg.name] = path
+        plan[path] = (module, wanted)
+
+    wrapped: dict[str, LoRALinear] = {}
+    for path, (module, segments) in plan.items():
+        if isinstance(module, LoRALinear):
+            wrapped[path] = module
+            continue
+        layer = LoRALinear.from_linear(module, [(seg.name, slice(seg.start, seg.stop)) for seg in segments],
+                                       where=path)
+        parent_path, _, child = path.rpartition(".")
+        setattr(modules[parent_path] if parent_path else model, child, layer)
+        wrapped[path] = layer
+
+    for layer in wrapped.values():
+        for name in names:
+            layer.add_adapter(name, rank, alpha, init=init if name == names[0] else "zeros", dtype=dtype,
+                              generator=generator)
+    for other in names[1:]:
+        copy_adapter_(model, names[0], other)
+    set_active_adapter(model, names[0])
+    set_trainable_adapter(model, trainable)
+    return wrapped
+
+
+def set_active_adapter(model: nn.Module, name: str | None) -> None:
+    """Route every LoRA layer's forward through adapter `name` ("default" to train, "old" for rollouts); None runs
+    the base weights (prefer `adapters_disabled` for a temporary switch). Does not change requires_grad.
+
+    With activation checkpointing, blocks re-run their forward during backward with whatever adapter is active
+    *then*: switch back (or use the `using_adapter` / `adapters_disabled` context managers) before `backward()`."""
+    layers = _layers_or_raise(model)
+    if name is not None:
+        _check_has_adapter(layers, name)
+    for layer in layers.values():
+        layer.active_adapter = name
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    actives = {layer.active_adapter for layer in _layers_or_raise(model).values()}
+    if len(actives) != 1:
+        raise RuntimeError(f"LoRA layers disagree on the active adapter: {sorted(map(str, actives))}")
+    return actives.pop()
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base weights only (the frozen reference policy) inside the block; restores each layer's state."""
+    layers = list(_layers_or_raise(model).values())
+    before = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, state in zip(layers, before):
+            layer.disabled = state
+
+
+@contextmanager
+def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Temporarily make `name` the active adapter (e.g. "old" for a rollout), restoring the previous one after."""
+    previous = active_adapter(model)
+    set_active_adapter(model, name)
+    try:
+        yield
+    finally:
+        set_active_adapter(model, previous)
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Adapter `name`'s tensors keyed by their PEFT names without prefix ("<diffusers module>.lora_A.weight" and
+    ".lora_B.weight"): the live Parameters, so in-place updates (soft update, EMA copy-back, loading) act on the
+    model. Keys are the same for every adapter, which is what `soft_update_`/`EMA` need to pair them."""
+    layers = _layers_or_raise(model)
+    _check_has_adapter(layers, name)
+    state: dict[str, nn.Parameter] = {}
+    for layer in layers.values():
+        state.update(layer.adapter_tensors(name))
+    return state
+
+
+def trainable_parameters(model: nn.Module, name: str = "default") -> list[nn.Parameter]:
+    """Adapter `name`'s Parameters (for the optimizer), in the stable order of `adapter_state`."""
+    return list(adapter_state(model, name).values())
+
+
+def set_trainable_adapter(model: nn.Module, name: str | None) -> None:
+    """requires_grad only on adapter `name`'s parameters; every other parameter of the model (base weights, other
+    adapters) is frozen. None freezes everything."""
+    if name is not None:
+        _check_has_adapter(_layers_or_raise(model), name)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if name is not None:
+        for p in trainable_parameters(model, name):
+            p.requires_grad_(True)
+
+
+def copy_adapter_(model: nn.Module, source: str, target: str) -> None:
+    """target ← source, in place (the `soft_update_` with η = 0: Edit-R1's old ← default at initialisation)."""
+    soft_update_(adapter_state(model, target), adapter_state(model, source), 0.0)
+
+
+def lora_config(model: nn.Module, name: str) -> tuple[int, float]:
+    """(rank, alpha) of adapter `name`; raises if the layers disagree (apply_lora gives them all the same)."""
+    layers = _layers_or_raise(model)
+    _check_has_adapter(layers, name)
+    configs = {(layer.rank[name], layer.alpha[name]) for layer in layers.values()}
+    if len(configs) != 1:
+        raise ValueError(f"adapter {name!r} has mixed (rank, alpha) across layers: {sorted(configs)}")
+    return configs.pop()
+
+
+def merge_adapter(model: nn.Module, name: str | None = None) -> None:
+    """Add adapter `name` (default: the active one) into the base weights for inference and make it active; the
+    output is unchanged while merged. Disabling or switching adapters while merged raises until `unmerge_adapter`."""
+    layers = _layers_or_raise(model)
+    name = active_adapter(model) if name is None else name
+    if name is None:
+        raise ValueError("no adapter is active; name the adapter to merge")
+    _check_has_adapter(layers, name)
+    merged = [path for path, layer in layers.items() if layer.merged_adapter is not None]
+    if merged:
+        raise RuntimeError(f"an adapter is already merged (e.g. in {merged[0]}); unmerge it first")
+    for layer in layers.values():
+        layer.merge(name)
+        layer.active_adapter = name
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    """Subtract whatever adapter is merged, restoring the base weights (to rounding for low-precision weights)."""
+    for layer in _layers_or_raise(model).values():
+        layer.unmerge()
+
+
+def count_parameters(model: nn.Module, name: str = "default") -> int:
+    """Number of elements in adapter `name` (ALGORITHM.md §1.7: r·(in + out) per diffusers projection)."""
+    return sum(math.prod(p.shape) for p in trainable_parameters(model, name))
