@@ -4,19 +4,17 @@ A folder holds `config.json` and either `diffusion_pytorch_model.safetensors` or
 `diffusion_pytorch_model.safetensors.index.json` (`{"metadata": {"total_size": n}, "weight_map": {key: file}}`).
 
 `key_map(config)` is the single source of truth for names: each nftcore parameter maps to one diffusers tensor, or
-to several stacked along dim 0 (the fused QKV projections). Loading
-concatenates while reading, saving slices them apart again, and the same table yields the expected diffusers keys and
-shapes for validation.
+to several stacked along dim 0 (the fused QKV projections). Loading concatenates while reading, saving slices them
+apart again, and the same table yields the expected diffusers keys and shapes for validation.
 
-Memory: the model is built on the meta device; every tensor is validated from the file headers first (keys, shapes;
-nothing read), then each nftcore parameter is allocated once in its final dtype/device and its diffusers parts are
-copied into it one by one, straight from the memory-mapped file. A 20 B model therefore never exists twice, and no
-state dict of the whole model is ever built.
+Memory: the model is built on the meta device; every tensor is validated from the file headers first (keys, shapes,
+dtypes; no tensor data read), then each nftcore parameter is allocated once in its final dtype/device and its
+diffusers parts are copied into it one by one, straight from the memory-mapped file; each shard is unmapped after
+its last tensor. A 20 B model therefore never exists twice, and no state dict of the whole model is ever built.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 from pathlib import Path
@@ -180,29 +178,41 @@ def load_pretrained(cls: type["MMDiT"], folder: str | Path, *, dtype: torch.dtyp
             msg.append(f"unexpected {_listing(unexpected)}")
         raise ValueError("; ".join(msg))
 
-    handles = {}
-    with contextlib.ExitStack() as stack:
-        for path in sorted(set(files.values())):
-            handles[path] = stack.enter_context(safe_open(path, framework="pt", device="cpu"))
-        wrong = []
-        for key, shape in expected.items():
-            got = tuple(handles[files[key]].get_slice(key).get_shape())
-            if got != shape:
-                wrong.append(f"{key} {list(got)} != expected {list(shape)}")
-        if wrong:
-            raise ValueError(f"{folder}: shape mismatch in {len(wrong)} tensor(s): " + "; ".join(wrong[:_SHOW])
-                             + (f"; ... and {len(wrong) - _SHOW} more" if len(wrong) > _SHOW else ""))
+    wrong, dtypes = [], {}
+    for path in sorted(set(files.values())):  # headers only: no tensor data is touched here
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for key in (k for k, p in files.items() if p == path):
+                view = f.get_slice(key)
+                dtypes[key] = view.get_dtype()
+                if tuple(view.get_shape()) != expected[key]:
+                    wrong.append(f"{key} {list(view.get_shape())} != expected {list(expected[key])}")
+    if wrong:
+        raise ValueError(f"{folder}: shape mismatch in {len(wrong)} tensor(s): " + "; ".join(sorted(wrong)[:_SHOW])
+                         + (f"; ... and {len(wrong) - _SHOW} more" if len(wrong) > _SHOW else ""))
 
-        params = dict(model.named_parameters())
-        for ours, parts in kmap.items():
-            first = handles[files[parts[0][0]]].get_slice(parts[0][0])
-            target_dtype = dtype or _safetensors_dtype(first.get_dtype())
-            value = torch.empty(params[ours].shape, dtype=target_dtype, device=device)
+    # Each shard is mapped while its tensors are copied and closed after its last use, so only a shard or two are
+    # mapped (and paged in) at a time.
+    order = list(kmap.items())
+    last_use = {files[theirs]: i for i, (_, parts) in enumerate(order) for theirs, _ in parts}
+    params = dict(model.named_parameters())
+    handles = {}  # path -> open safe_open handle
+    try:
+        for i, (ours, parts) in enumerate(order):
+            value = torch.empty(params[ours].shape, dtype=dtype or _safetensors_dtype(dtypes[parts[0][0]]),
+                                device=device)
             row = 0
             for theirs, rows in parts:  # copy each diffusers tensor into its rows; one part in memory at a time
-                value[row:row + rows].copy_(handles[files[theirs]].get_tensor(theirs))
+                path = files[theirs]
+                if path not in handles:
+                    handles[path] = safe_open(path, framework="pt", device="cpu").__enter__()
+                value[row:row + rows].copy_(handles[path].get_tensor(theirs))
                 row += rows
             _assign(model, ours, value)
+            for path in [p for p in handles if last_use[p] == i]:
+                handles.pop(path).__exit__(None, None, None)
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
     return model
 
 
