@@ -16,6 +16,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"nftcore.kernels": "kernels"},
+    package_data={"nftcore.demo": ["assets/*.safetensors"]},  # the demo's pretrained base policy
     install_requires=[
         "torch>=2.5",
         "triton>=3.1; platform_system == 'Linux'",

@@ -1,56 +1,63 @@
-"""`python -m nftcore.train`: nftcore's main job.
+"""`python -m nftcore.train [--config RECIPE|FILE.toml] [--resume latest|PATH] [--section.key=value ...]`
 
-The Edit-R1 trainer is not built yet. Until it is, the main job exercises what exists end to end: the rollout
-sampler (`nftcore.sampling`) on an analytic Gaussian flow whose exact ODE solution is known, at the schedules the
-training recipes use, and prints each solver's error. The trainer replaces this with the embedded demo.
+nftcore's main job. With no arguments it runs the embedded `demo` recipe end to end on the CPU: the pretrained demo
+policy is RL-trained against the demo world's exact verifier, the reward is printed per epoch, and under `--run.out`
+(default runs/demo) it leaves metrics.jsonl, checkpoints/, reward_curve.png and before_after.png
+(source | base edit | final edit | target, on held-out tasks with fixed noise).
+
+Under torchrun (`torchrun --nproc_per_node=N -m nftcore.train --config ...`) every rank runs this; only rank 0 prints
+and writes files.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-import torch
+from nftcore.config import ConfigError, load_config
+from nftcore.trainer import Trainer, init_distributed, shutdown
+from nftcore.trainer.metrics import save_before_after, save_reward_curve
 
-from nftcore.sampling import GaussianFlow, flux_sigmas, qwen_image_sigmas, sample
-
-TARGET_TOKENS_512 = 1024  # (512 / 16)² packed latent tokens at 512²: the length the schedule's shift is keyed on
-
-
-def solver_errors(steps: int, *, schedule: str, seed: int, dim: int = 4096) -> dict[str, float]:
-    """Max abs error of euler and dpm2 against the exact endpoint mean + std·z, from the same noise."""
-    generator = torch.Generator().manual_seed(seed)
-    flow = GaussianFlow(mean=0.7, std=0.5)
-    noise = torch.randn(4, dim, generator=generator, dtype=torch.float64)
-    if schedule == "uniform":
-        sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    else:
-        sigmas = {"qwen_image": qwen_image_sigmas, "flux": flux_sigmas}[schedule](steps, TARGET_TOKENS_512)
-    exact = flow.exact_state(noise, 0.0)
-    return {
-        solver: (sample(flow.velocity, noise, sigmas, solver=solver) - exact).abs().max().item()
-        for solver in ("euler", "dpm2")
-    }
+GRID_ROWS = 8  # eval tasks shown in before_after.png
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nftcore.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, nargs="+", default=[6, 12, 24], help="sampler step counts to compare")
-    args = parser.parse_args(argv)
-
-    print("nftcore: the Edit-R1 trainer is not built yet; running the dpm2 rollout sampler on an analytic Gaussian flow")
-    print("(x0 ~ N(0.7, 0.5²), exact ODE endpoint known) on a uniform grid and the recipes' 512² schedules instead.")
-    print("(Qwen-Image's grid ends with a fixed 0.02 -> 0 step, which bounds every solver's error there.)\n")
-    print(f"{'schedule':<11} {'steps':>5} {'euler err':>11} {'dpm2 err':>11} {'euler/dpm2':>10}")
-    start = time.perf_counter()
-    for schedule in ("uniform", "flux", "qwen_image"):
-        for steps in args.steps:
-            err = solver_errors(steps, schedule=schedule, seed=args.seed)
-            ratio = err["euler"] / err["dpm2"] if err["dpm2"] > 0 else float("inf")
-            print(f"{schedule:<11} {steps:>5} {err['euler']:>11.3e} {err['dpm2']:>11.3e} {ratio:>10.1f}")
-    print(f"\ndone in {time.perf_counter() - start:.2f} s")
+    try:
+        cfg = load_config(argv)
+    except ConfigError as err:
+        print(f"nftcore.train: {err}", file=sys.stderr)
+        return 2
+    env = init_distributed(cfg)
+    try:
+        start = time.perf_counter()
+        try:
+            trainer = Trainer(cfg, env=env)
+        except FileNotFoundError as err:  # e.g. the demo's base checkpoint is not there
+            print(f"nftcore.train: {err}", file=sys.stderr)
+            return 1
+        demo = cfg.model.family == "demo" and cfg.eval.every > 0  # eval.every = 0: no evaluation, no pictures
+        if demo:
+            base_reward, base_images = trainer.evaluate("base")
+            trainer.metrics.info(f"# base model: eval reward {base_reward:.4f}")
+        result = trainer.train()
+        if demo:
+            final_reward, final_images = trainer.evaluate("ema")
+            trainer.metrics.info(f"# final (EMA) model: eval reward {final_reward:.4f} (base {base_reward:.4f}); "
+                                 f"rollout reward by epoch {[round(r, 4) for r in result['epoch_rewards']]}")
+            if env.is_main:
+                fam = trainer.family
+                rows = min(GRID_ROWS, base_images.shape[0])
+                samples = [fam.eval_dataset[i] for i in range(rows)]
+                out = cfg.run.metrics_path.parent
+                save_reward_curve(out / "reward_curve.png", result["epoch_rewards"], base_reward, final_reward,
+                                  result["eval_rewards"])
+                save_before_after(out / "before_after.png", fam.source_images(samples).cpu(), base_images[:rows],
+                                  final_images[:rows], fam.target_images(samples))
+                print(f"# wrote {out / 'reward_curve.png'} and {out / 'before_after.png'}")
+        trainer.metrics.info(f"# done: {result['epoch']} epochs, {result['step']} steps in "
+                             f"{time.perf_counter() - start:.1f} s")
+    finally:
+        shutdown(env)
     return 0
 
 

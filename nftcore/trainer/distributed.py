@@ -1,0 +1,153 @@
+"""Process groups, FSDP2 wrapping and the few collectives the trainer needs.
+
+One process without torchrun's environment runs with no process group at all: every helper here degrades to the
+identity, so the single-process path is the distributed path with world_size 1, not a separate code path.
+
+FSDP2 (`fully_shard`) goes per transformer block, then on the root (STYLE.md §8.13), with a `MixedPrecisionPolicy`
+of bf16 parameters and fp32 gradient reduction on GPU, and plain fp32 on CPU (gloo has no bf16 reduce worth having,
+and the CPU tests compare 1 vs 2 ranks in fp32). LoRA must be applied before wrapping: FSDP2 shards every parameter
+of a block, frozen base weights and both adapters alike, and gathers them around each forward.
+
+Gradient reduction: FSDP2 *averages* gradients over ranks. The trainer normalises each rank's loss by the global
+number of trained (sample, timestep) pairs and multiplies it by world_size (`loss_scale_for_reduction`), so the
+averaged gradient is the global sum divided by the global count, whatever the split of samples over ranks.
+
+Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without it gloo aborts at exit now and then
+(ENVIRONMENT.md §5).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nftcore.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size, the device it computes on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
+
+
+def init_distributed(cfg: TrainConfig) -> DistEnv:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), if any.
+
+    Backend: `parallel.backend`, where 'auto' is NCCL with CUDA and gloo without. Each rank uses cuda:LOCAL_RANK
+    when CUDA is available, else the CPU.
+    """
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
+        # One intra-op thread per process on CPU (torchrun sets OMP_NUM_THREADS=1 too): the demo's matrices are tiny,
+        # and on a busy 2-core machine two threads made a 32-wide Linear 14× slower than one.
+        torch.set_num_threads(1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv(device=device)
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def shutdown(env: DistEnv) -> None:
+    """Leave the process group: barrier first, always (see the module docstring)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
+    """FSDP2: `fully_shard` every block of `model.blocks` (the MMDiT's double then single blocks), then the root.
+
+    The last block keeps its parameters gathered after forward (its backward comes right next). No-op on one rank.
+    """
+    if env.world_size == 1:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    if env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    kwargs = dict(mesh=mesh, mp_policy=mp)
+    if cfg.parallel.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def loss_scale_for_reduction(env: DistEnv) -> float:
+    """Multiply each rank's loss by this so FSDP2's gradient *average* becomes the global sum (module docstring)."""
+    return float(env.world_size)
+
+
+def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Concatenate every rank's `tensor` (same shape on every rank) along dim 0, in rank order.
+
+    Bool tensors travel as uint8 (gloo has no bool all-gather)."""
+    if env.world_size == 1:
+        return tensor
+    is_bool = tensor.dtype == torch.bool
+    local = (tensor.to(torch.uint8) if is_bool else tensor).contiguous().to(env.device)
+    parts = [torch.empty_like(local) for _ in range(env.world_size)]
+    dist.all_gather(parts, local)
+    out = torch.cat(parts).cpu()
+    return out.bool() if is_bool else out
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum of `tensor` over ranks (a new CPU tensor; float64 in, float64 out)."""
+    if env.world_size == 1:
+        return tensor.clone()
+    local = tensor.to(env.device).clone()
+    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return local.cpu()
+
+
+def all_reduce_max(value: float, env: DistEnv) -> float:
+    if env.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's `obj` on every rank (picklable objects)."""
+    if env.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

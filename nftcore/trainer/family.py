@@ -1,0 +1,327 @@
+"""The policy-family protocol: what the training loop needs from a model family, and the demo family.
+
+Why a protocol instead of importing a model: the loop (rollouts, NFT update, checkpoints) is the same for FLUX.1-
+Kontext, Qwen-Image-Edit and the embedded demo; what differs is how a batch of dataset rows becomes conditioning,
+which sigma grid the sampler walks, how latents become images, and where the datasets come from. A family
+provides exactly that:
+
+    family.transformer                      the nn.Module that gets LoRA adapters, FSDP2 and the optimizer
+    family.train_dataset / eval_dataset     indexable, with `sample_ids` and `epoch_prompts(G, epoch, seed, banned)`
+    family.conditioning(samples)            once per rollout batch, under no_grad; kept for training
+    family.index_conditioning(cond, idx)    rows `idx` of a conditioning (micro-batches mix rollout batches)
+    family.cat_conditioning(conds)          concatenate along the batch
+    family.velocity_fn(cond, transformer)   `fn(x [B, N, C], sigma float | [B]) -> v` through `transformer` (default:
+                                            family.transformer, with whatever LoRA adapter is active)
+    family.sigmas(num_steps)                the sampler's grid (float64, 1 → 0); training noises at its first N
+    family.latent_shape                     (N, C) of one packed latent
+    family.decode(latents)                  [B, 3, H, W] images in [0, 1] for the reward
+    family.source_images(samples)           [B, 3, H, W] in [0, 1], what the judge compares against
+    family.reward_metadata(sample)          the per-sample dict passed to the reward
+    family.default_reward()                 the in-process reward of the family ('demo' backend), or None
+    family.target_images(samples)           ground truth for the before/after grid, or None
+
+The real families (FLUX.1-Kontext, Qwen-Image-Edit: VAE + text encoders around `nftcore.models.MMDiT`) are not
+wired yet; `build_family` says so instead of failing somewhere deep.
+
+Also here: `build_reward` (the config's reward backend as one callable) and the trainable-weights strategies, which
+give the loop θ, θ_old and the reference as velocity functions plus the tensors to optimise, average and save:
+`LoRAWeights` (Edit-R1: adapters "default"/"old" on one model, reference = adapters disabled) and `FullWeights`
+(full fine-tuning: the model, a copy for θ_old, a frozen copy for the reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from nftcore.config import TrainConfig
+from nftcore.reward.base import RewardResult
+
+DEMO_TRAIN_TASKS = 256  # enough distinct (scene, instruction) pairs that G = 8 groups per epoch rarely repeat
+DEMO_EVAL_TASKS = 16
+DEMO_DATA_SEED = 0  # the task set is part of the demo, not of the run: changing --run.seed must not change it
+DEMO_EVAL_SEED = 1
+
+
+class PolicyFamily(Protocol):
+    """See the module docstring."""
+
+    transformer: nn.Module
+    train_dataset: Any
+    eval_dataset: Any
+
+    @property
+    def latent_shape(self) -> tuple[int, int]: ...
+
+    def conditioning(self, samples: Sequence[Any]) -> Any: ...
+
+    def index_conditioning(self, cond: Any, index: torch.Tensor) -> Any: ...
+
+    def cat_conditioning(self, conds: Sequence[Any]) -> Any: ...
+
+    def velocity_fn(self, cond: Any, transformer: nn.Module | None = None
+                    ) -> Callable[[torch.Tensor, float | torch.Tensor], torch.Tensor]: ...
+
+    def sigmas(self, num_steps: int) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def source_images(self, samples: Sequence[Any]) -> torch.Tensor: ...
+
+    def reward_metadata(self, sample: Any) -> dict[str, Any]: ...
+
+    def default_reward(self) -> Callable[..., RewardResult] | None: ...
+
+    def target_images(self, samples: Sequence[Any]) -> torch.Tensor | None: ...
+
+
+# The FluxEditConditioning fields that carry a batch dimension (the ids are shared by every sample).
+_FLUX_BATCH_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "source_latents")
+
+
+class DemoReward:
+    """The demo's programmatic judge as a reward callable: `nftcore.demo.verify` against the exact target.
+
+    The ground-truth task travels in the metadata (`"task"`), so the judge stays a plain reward function of
+    (edited, sources, prompts, metadata) like the MLLM and HTTP ones.
+    """
+
+    def __call__(self, edited, sources, prompts, metadata: Sequence[Mapping[str, Any]]) -> RewardResult:
+        from nftcore.demo import verify
+
+        scores = verify(torch.as_tensor(edited).float().cpu(), [m["task"] for m in metadata])
+        return RewardResult.from_scores(scores)
+
+
+class DemoFamily:
+    """The embedded demo: `nftcore.demo.model.DemoPolicy` (a tiny FLUX-shaped MMDiT in pixel-patch space) on the
+    procedural editing world, judged by the exact verifier.
+
+    `model.path`: empty loads the shipped base checkpoint; "random" (or "random:SEED") builds a randomly initialised
+    policy (independent of the shipped asset); "tiny[:SEED]" is a random policy with one double and one single block
+    of width 32, which is what the tests use; anything else is a checkpoint file.
+    """
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from nftcore.demo import DemoDataset
+        from nftcore.demo.model import DemoPolicy, default_transformer_config
+
+        path = cfg.model.path
+        kind, _, seed = path.partition(":")
+        if kind in ("random", "tiny"):
+            transformer = None
+            if kind == "tiny":
+                transformer = default_transformer_config(double=1, single=1, head_dim=16)
+            # PyTorch's default init rather than `fresh`'s adaLN-zero: a zero output layer would give LoRA no gradient.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed or 0))
+                self.policy = DemoPolicy(None, transformer)
+        else:
+            self.policy = DemoPolicy.from_pretrained(path or None)
+        self.policy.to(device).requires_grad_(False)
+        self.device = device
+        size = self.policy.demo.image_size
+        if cfg.sampling.resolution != size:
+            import warnings
+
+            warnings.warn(f"sampling.resolution = {cfg.sampling.resolution}, but this demo policy works at {size} px; "
+                          f"using {size} (set --sampling.resolution={size} to silence this)", stacklevel=2)
+        self.train_dataset = DemoDataset(DEMO_TRAIN_TASKS, seed=DEMO_DATA_SEED, size=size)
+        self.eval_dataset = DemoDataset(DEMO_EVAL_TASKS, seed=DEMO_EVAL_SEED, size=size)
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.policy.transformer
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.policy.latent_shape
+
+    def conditioning(self, samples):
+        with torch.no_grad():
+            return self.policy.conditioning(self.source_images(samples), [s.prompt for s in samples])
+
+    def index_conditioning(self, cond, index: torch.Tensor):
+        changes = {name: getattr(cond, name)[index.to(getattr(cond, name).device)] for name in _FLUX_BATCH_FIELDS
+                   if getattr(cond, name) is not None}
+        return dataclasses.replace(cond, **changes)
+
+    def cat_conditioning(self, conds):
+        first = conds[0]
+        changes = {name: torch.cat([getattr(c, name) for c in conds]) for name in _FLUX_BATCH_FIELDS
+                   if getattr(first, name) is not None}
+        return dataclasses.replace(first, **changes)
+
+    def velocity_fn(self, cond, transformer: nn.Module | None = None):
+        from nftcore.models import edit_velocity_fn
+
+        return edit_velocity_fn(transformer if transformer is not None else self.policy.transformer, cond)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return self.policy.sigmas(num_steps)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.policy.decode(latents)
+
+    def source_images(self, samples) -> torch.Tensor:
+        return torch.stack([s.image for s in samples]).to(self.device)
+
+    def target_images(self, samples) -> torch.Tensor:
+        return torch.stack([s.task.target_image for s in samples])
+
+    def reward_metadata(self, sample) -> dict[str, Any]:
+        return {**sample.metadata, "requirement": sample.requirement, "sample_id": sample.sample_id,
+                "task": sample.task}
+
+    def default_reward(self):
+        return DemoReward()
+
+
+def build_family(cfg: TrainConfig, device: torch.device) -> PolicyFamily:
+    """The policy family named by `cfg.model.family`."""
+    if cfg.model.family == "demo":
+        return DemoFamily(cfg, device)
+    raise NotImplementedError(
+        f"model.family={cfg.model.family!r}: the {cfg.model.family} family (VAE, text encoders and the pretrained "
+        "MMDiT loader around nftcore.models) is not wired into the trainer yet; only 'demo' runs today")
+
+
+def build_reward(cfg: TrainConfig, family: PolicyFamily) -> Callable[..., RewardResult]:
+    """The reward callable of `cfg.reward.backend`: the family's own ('demo'), the MLLM in process ('local') or the
+    HTTP judge ('server', `reward.server_url` or $REWARD_SERVER)."""
+    backend = cfg.reward.backend
+    if backend == "demo":
+        reward = family.default_reward()
+        if reward is None:
+            raise ValueError(f"reward.backend='demo' but the {cfg.model.family} family has no built-in reward")
+        return reward
+    if backend == "server":
+        import os
+
+        from nftcore.reward import HTTPReward
+
+        url = cfg.reward.server_url or os.environ.get("REWARD_SERVER", "")
+        if not url:
+            raise ValueError("reward.backend='server' needs reward.server_url or REWARD_SERVER=host:port")
+        url = url if "://" in url else f"http://{url}"
+        return HTTPReward(url, timeout=cfg.reward.timeout_s, retries=cfg.reward.max_retries)
+    from nftcore.reward import MLLMReward, MLLMScorer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return MLLMReward(MLLMScorer.from_pretrained(cfg.reward.model, device=device))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainable weights: LoRA adapters on one model, or full fine-tuning with model copies
+
+
+def _wrapped(fn, context):
+    """`fn(x, sigma)` run inside `context()` on every call (adapter switches must wrap each forward)."""
+    def call(x, sigma):
+        with context():
+            return fn(x, sigma)
+
+    return call
+
+
+class LoRAWeights:
+    """θ, θ_old and the reference as three views of one model (Edit-R1): LoRA adapters "default" (trained) and "old"
+    (rollouts), and the base weights with adapters disabled. Apply before FSDP2 wrapping."""
+
+    kind = "lora"
+
+    def __init__(self, family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator):
+        from nftcore.models.lora import apply_lora
+
+        self.family, self.model = family, family.transformer
+        apply_lora(self.model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, include_mlp=cfg.lora.include_mlp,
+                   init=cfg.lora.init, generator=generator)
+
+    def models(self) -> list[nn.Module]:
+        return [self.model]
+
+    def trainable(self) -> list[nn.Parameter]:
+        from nftcore.models.lora import trainable_parameters
+
+        return trainable_parameters(self.model, "default")
+
+    def state(self, which: str) -> dict[str, torch.Tensor]:
+        """'default' (θ) or 'old' (θ_old), by PEFT name: live tensors for the EMA and the soft update."""
+        from nftcore.models.lora import adapter_state
+
+        return adapter_state(self.model, which)
+
+    def velocity(self, cond, which: str):
+        """`fn(x, sigma)` of θ ('default'), θ_old ('old') or the frozen reference ('ref')."""
+        from nftcore.models.lora import adapters_disabled, using_adapter
+
+        fn = self.family.velocity_fn(cond)
+        if which == "default":
+            return fn
+        if which == "ref":
+            return _wrapped(fn, lambda: adapters_disabled(self.model))
+        return _wrapped(fn, lambda: using_adapter(self.model, which))
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """Both adapters (the base weights are the pretrained ones, not saved)."""
+        return {k: v for k, v in self.model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+
+    def export(self, directory) -> None:
+        """θ (with whatever weights are loaded, e.g. the EMA swapped in) as PEFT and diffusers LoRA files."""
+        from nftcore.models.lora_io import save_diffusers_lora, save_peft_adapter
+
+        save_peft_adapter(self.model, "default", directory / "peft")
+        save_diffusers_lora(self.model, "default", directory / "diffusers")
+
+
+class FullWeights:
+    """Full fine-tuning: θ is the model itself (every parameter trained), θ_old a second copy, the reference a third,
+    frozen copy (only built when kl_weight > 0). Three models' memory instead of one: for small models or sharded
+    runs (the reference implementation has no full fine-tuning)."""
+
+    kind = "full"
+
+    def __init__(self, family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator):
+        import copy
+
+        self.family, self.model = family, family.transformer
+        self.old = copy.deepcopy(self.model).requires_grad_(False)
+        keep_ref = cfg.nft.kl_weight > 0 or cfg.eval.every > 0  # the base-model evaluation needs it too
+        self.ref = copy.deepcopy(self.model).requires_grad_(False) if keep_ref else None
+        self.model.requires_grad_(True)
+
+    def models(self) -> list[nn.Module]:
+        return [m for m in (self.model, self.old, self.ref) if m is not None]
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def state(self, which: str) -> dict[str, torch.Tensor]:
+        model = self.model if which == "default" else self.old
+        return dict(model.named_parameters())
+
+    def velocity(self, cond, which: str):
+        model = {"default": self.model, "old": self.old, "ref": self.ref}[which]
+        if model is None:
+            raise ValueError("full fine-tuning without a reference copy (kl_weight = 0 and eval off) has no base model")
+        return self.family.velocity_fn(cond, model)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {**{f"theta.{k}": v for k, v in self.model.state_dict().items()},
+                **{f"old.{k}": v for k, v in self.old.state_dict().items()}}
+
+    def export(self, directory) -> None:
+        """Full weights are checkpointed by DCP; a diffusers-format export of them is not written yet."""
+
+
+def build_weights(family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator,
+                  kind: str | None = None) -> LoRAWeights | FullWeights:
+    """'lora' or 'full': `kind`, else `model.finetune` once the config has that key, else LoRA."""
+    kind = kind or getattr(cfg.model, "finetune", "lora")
+    if kind not in ("lora", "full"):
+        raise ValueError(f"finetune must be 'lora' or 'full', got {kind!r}")
+    return FullWeights(family, cfg, generator) if kind == "full" else LoRAWeights(family, cfg, generator)

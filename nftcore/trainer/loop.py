@@ -1,0 +1,484 @@
+"""The Edit-R1 / DiffusionNFT training loop: rollouts → rewards → advantages and filter → NFT update → old policy.
+
+One epoch (ALGORITHM.md §5.3), with these deliberate departures from the reference:
+
+- **Per-sample seeding.** Every random draw (rollout noise, training timesteps, training noise, the training order)
+  comes from a generator seeded by (run seed, epoch, global sample index): the result does not depend on the number
+  of ranks, and an epoch replayed after a resume is identical. The epoch's G·K samples are numbered g = group·K + k;
+  rank r rolls out the contiguous slice [r·n, (r+1)·n) in batches of `sampling.batch_size`.
+- **Filter before micro-batches.** Advantages use the whole epoch (all ranks, invalid groups excluded); the
+  low-variance filter runs next, and only surviving samples are put into micro-batches, so filtered samples cost no
+  forward pass (§11.9). A group with any invalid reward is dropped and counted, never scored 0 (§11.4).
+- **Global normalisation.** The survivors, shuffled alike on every rank, are split evenly into the epoch's optimizer
+  steps. Each (sample, timestep) term is divided by the *global* count of the step's (sample, timestep) pairs
+  (`nft_loss` returns a masked mean; multiplying it by the micro-batch's sample count gives the exact sum), so the
+  gradient is the same however the survivors fall on ranks. The reference divides per micro-batch mean by
+  grad_accum·T_train instead, which weights a sample by how full its micro-batch was. A rank with fewer survivors
+  runs zero-weight padding micro-batches, so FSDP2's collectives stay in step.
+- Rollouts are sampled with the "old" adapter; conditioning is computed once per rollout batch and kept for training.
+
+Per optimizer step: for each micro-batch and each of its T_train slots, every sample noises its clean latent at its
+own sampler σ, three velocities are taken (old: no grad, "old" adapter; reference: adapters disabled, skipped when
+kl_weight = 0; θ: with grad, "default" adapter, last, so activation checkpointing recomputes under "default"),
+`nft_loss` → backward. Then grad clipping, AdamW on the trainable parameters, EMA. A non-finite loss or gradient norm
+skips the step (counted); `max_nan_steps` in a row stop the run. After the epoch the old adapter is soft-updated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nftcore.config import TrainConfig, batch_plan, config_to_toml
+from nftcore.data import derive_seed
+from nftcore.nft import EMA, OldPolicySchedule, PromptBan, low_variance_filter, rewards_to_optimality
+from nftcore.ops import nft_loss
+from nftcore.sampling import sample as solve
+from nftcore.trainer import checkpoint as ckpt
+from nftcore.trainer.distributed import (
+    DistEnv,
+    all_gather_cat,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    loss_scale_for_reduction,
+    shard_transformer,
+)
+from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights
+from nftcore.trainer.metrics import MetricsLogger
+
+MAX_NAN_STEPS = 3
+"""Non-finite steps in a row before the run stops: one is a fluke worth skipping, several mean diverged weights."""
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-sample random draws (see the module docstring)
+
+
+def _generator(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def rollout_noise(seed: int, epoch: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """[B, *shape] starting noise, one generator per global sample index."""
+    return torch.stack([torch.randn(shape, generator=_generator(seed, epoch, g, "rollout")) for g in indices])
+
+
+def sample_timesteps(seed: int, epoch: int, g: int, num_steps: int, t_train: int) -> torch.Tensor:
+    """The sampler-step indices sample `g` trains on: a random `t_train` of `num_steps`, in random order (§1.4)."""
+    return torch.randperm(num_steps, generator=_generator(seed, epoch, g, "timesteps"))[:t_train]
+
+
+def sample_train_noise(seed: int, epoch: int, g: int, t_train: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """[t_train, *shape] fresh noise for sample `g`'s training timesteps (not the rollout's noise, §1.2)."""
+    return torch.randn((t_train, *shape), generator=_generator(seed, epoch, g, "train-noise"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """This rank's share of one epoch: clean latents, their conditioning, and the epoch-wide reward outcome."""
+
+    indices: list[int]  # global sample indices, ascending
+    latents: torch.Tensor  # [n, N, C]
+    cond: Any  # the family's conditioning for the n samples
+    scores: torch.Tensor  # [n] float32, NaN where invalid
+    valid: torch.Tensor  # [n] bool
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Owns the model, optimizer, EMA, prompt ban and counters of one run; `train()` runs it to the end.
+
+    `family` / `reward_fn` / `loss_fn` default to what the config names; tests pass their own (e.g. a reward that
+    fails, a loss that returns NaN). `finetune` = 'lora' (default) or 'full' (see `family.FullWeights`) until the
+    config grows a `model.finetune` key.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, env: DistEnv | None = None, family: PolicyFamily | None = None,
+                 reward_fn: Callable | None = None, loss_fn: Callable = nft_loss, max_nan_steps: int = MAX_NAN_STEPS,
+                 echo: bool = True, finetune: str | None = None):
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg)
+        self.plan = batch_plan(cfg, self.env.world_size)
+        torch.manual_seed(cfg.run.seed)
+        self.family = family or build_family(cfg, self.env.device)
+        self.reward_fn = reward_fn or build_reward(cfg, self.family)
+        self.loss_fn, self.max_nan_steps = loss_fn, max_nan_steps
+        self.model = self.family.transformer
+        self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"), finetune)
+        for model in self.weights.models():
+            if cfg.model.gradient_checkpointing:
+                model.set_activation_checkpointing(True)
+            shard_transformer(model, self.env, cfg)
+        self.params = self.weights.trainable()
+        o = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        self.ema = EMA(self.weights.state("default"), decay=cfg.nft.ema_decay)
+        self.old_schedule = OldPolicySchedule.preset(cfg.nft.decay_type)
+        self.ban = PromptBan(cfg.filter.mean_threshold, cfg.filter.std_threshold)
+        self.sigmas = self.family.sigmas(cfg.sampling.num_steps)
+        if cfg.optim.mixed_precision == "fp16":
+            raise NotImplementedError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not "
+                                      "have yet; use 'bf16' (Edit-R1's choice) or 'no'")
+        self.eval_rewards: list[tuple[int, float]] = []
+        self.step = self.epoch = 0
+        self.nan_in_a_row = self.nan_skipped = 0
+        self.metrics = MetricsLogger(cfg.run.metrics_path, enabled=self.env.is_main, log_every=cfg.metrics.log_every,
+                                     echo=echo)
+        self.epoch_rewards: list[float] = []
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    def train(self) -> dict[str, Any]:
+        """Resume if asked, run the remaining epochs, checkpoint on schedule, at the end and on SIGTERM."""
+        cfg = self.cfg
+        self.metrics.info(f"# effective config\n{config_to_toml(cfg)}")
+        self.metrics.info(f"# {self.plan.summary()}")
+        resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.checkpoint_dir)
+        if resume is not None:
+            self.load(resume)
+            dropped = self.metrics.truncate_from(self.epoch)
+            self.metrics.info(f"# resumed from {resume} at epoch {self.epoch}, step {self.step} "
+                              f"({dropped} later metrics rows dropped)")
+        else:
+            self.metrics.truncate_from(0)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if _main_thread() else None
+        try:
+            last_saved = self.epoch if resume is not None else -1
+            while self.epoch < cfg.run.epochs:
+                self.run_epoch(self.epoch)
+                self.epoch += 1
+                stop = all_reduce_max(float(self._stop_requested), self.env) > 0
+                every = cfg.checkpoint.save_every
+                if (every and self.epoch % every == 0) or self.epoch == cfg.run.epochs or stop:
+                    self.save()
+                    last_saved = self.epoch
+                if stop:
+                    self.metrics.info(f"# SIGTERM: saved epoch {self.epoch} and stopping")
+                    break
+            if last_saved != self.epoch:
+                self.save()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        return {"epoch": self.epoch, "step": self.step, "epoch_rewards": self.epoch_rewards,
+                "eval_rewards": self.eval_rewards,
+                "nan_skipped": self.nan_skipped}
+
+    def autocast(self):
+        """bf16 autocast of the forwards on CUDA when optim.mixed_precision = 'bf16' (the reference's setting); a
+        no-op on CPU, where the demo and the tests run in fp32."""
+        if self.cfg.optim.mixed_precision == "bf16" and self.env.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------------------------------------ epoch
+
+    def run_epoch(self, epoch: int) -> None:
+        cfg, env = self.cfg, self.env
+        t0 = time.perf_counter()
+        rollouts, reward_time = self.rollout(epoch)
+        t1 = time.perf_counter()
+        stats = self.advantages(epoch, rollouts)
+        self.epoch_rewards.append(stats["reward_mean"])
+        times = {"time_rollout": t1 - t0 - reward_time, "time_reward_wait": reward_time}
+        self.train_epoch(epoch, rollouts, stats, times)
+        eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
+        every = cfg.eval.every
+        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.run.epochs:  # the last one is train.py's final eval
+            reward, _ = self.evaluate("ema")
+            self.eval_rewards.append((epoch + 1, reward))
+            self.metrics.info(f"epoch {epoch}: eval reward (EMA, {cfg.eval.num_steps} {cfg.eval.solver} steps) "
+                              f"{reward:.4f}")
+        self.metrics.info(f"epoch {epoch}: reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f} over "
+                          f"{stats['valid_samples']} samples, filtered {stats['filtered_fraction']:.2f}, "
+                          f"dropped groups {stats['dropped_groups']}, old-policy η {eta:.3f}, "
+                          f"{time.perf_counter() - t0:.1f} s")
+        barrier(env)
+
+    def epoch_groups(self, epoch: int) -> list[int]:
+        """Dataset indices of this epoch's G groups (banned prompts excluded when the ban is on)."""
+        banned = self.ban if self.cfg.filter.ban_prompts else frozenset()
+        try:
+            return self.family.train_dataset.epoch_prompts(self.cfg.sampling.groups_per_epoch, epoch,
+                                                           self.cfg.run.seed, banned)
+        except ValueError as err:
+            raise RuntimeError(f"cannot draw epoch {epoch}'s prompts: {err} ({len(self.ban)} banned by the "
+                               "low-variance rule; lower sampling.groups_per_epoch or turn filter.ban_prompts off)"
+                               ) from err
+
+    @torch.no_grad()
+    def rollout(self, epoch: int) -> tuple[Rollouts, float]:
+        """Sample this rank's share of the epoch with the old adapter and score it; return (rollouts, seconds spent
+        waiting for rewards).
+
+        Scoring runs on one worker thread, so batch i is judged (an HTTP round trip, an MLLM forward) while batch
+        i + 1 is sampled; results are collected in order, so the overlap changes no number."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        cfg, env, fam = self.cfg, self.env, self.family
+        k, bsz = cfg.sampling.group_size, cfg.sampling.batch_size
+        groups = self.epoch_groups(epoch)
+        self._groups = groups
+        n = self.plan.samples_per_rank
+        mine = list(range(env.rank * n, (env.rank + 1) * n))
+        latents, conds, futures = [], [], []
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
+            for start in range(0, n, bsz):
+                indices = mine[start:start + bsz]
+                samples = [fam.train_dataset[groups[g // k]] for g in indices]
+                cond = fam.conditioning(samples)
+                noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
+                with self.autocast():
+                    x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
+                futures.append(pool.submit(self._score, fam.decode(x0).cpu(), samples))
+                latents.append(x0)
+                conds.append(cond)
+            waited = time.perf_counter()
+            results = [f.result() for f in futures]
+            waited = time.perf_counter() - waited
+        scores = torch.cat([r.scores.float() for r in results])
+        valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results])
+        return Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid), waited
+
+    def _score(self, edited: torch.Tensor, samples: list) -> Any:
+        fam = self.family
+        result = self.reward_fn(edited, fam.source_images(samples).cpu(), [s.prompt for s in samples],
+                                [fam.reward_metadata(s) for s in samples])
+        if len(result) != len(samples):
+            raise ValueError(f"reward returned {len(result)} scores for {len(samples)} samples")
+        return result
+
+    def advantages(self, epoch: int, rollouts: Rollouts) -> dict[str, Any]:
+        """Gather the epoch's rewards from every rank; drop invalid groups; r, filter and ban over the whole epoch."""
+        cfg, env = self.cfg, self.env
+        k = cfg.sampling.group_size
+        scores = all_gather_cat(rollouts.scores, env)
+        valid = all_gather_cat(rollouts.valid, env)
+        total = scores.numel()
+        group = torch.arange(total) // k
+        group_ok = valid.view(-1, k).all(dim=1)
+        dropped = int((~group_ok).sum())
+        if not bool(group_ok.any()):
+            raise RuntimeError(f"epoch {epoch}: every one of the {group_ok.numel()} groups has an invalid reward "
+                               f"({int((~valid).sum())} of {total} samples invalid); is the reward backend "
+                               f"({cfg.reward.backend}) reachable and working?")
+        sel = group_ok[group]
+        r_sel, _ = rewards_to_optimality(scores[sel], group[sel], adv_clip_max=cfg.nft.adv_clip_max,
+                                         global_std=cfg.nft.global_std, singleton=cfg.nft.singleton)
+        keep_sel, filtered = low_variance_filter(scores[sel], group[sel], mean_threshold=cfg.filter.mean_threshold,
+                                                 std_threshold=cfg.filter.std_threshold, rule=cfg.filter.rule)
+        if cfg.filter.ban_prompts:
+            ids = self.family.train_dataset.sample_ids
+            self.ban.update(scores[sel], group[sel], [ids[self._groups[int(gi)]] for gi in group[sel]])
+        r = torch.zeros(total)
+        r[sel] = r_sel
+        train = torch.zeros(total, dtype=torch.bool)
+        train[sel] = keep_sel
+        good = scores[sel].double()
+        return {"r": r, "train": train, "reward_mean": float(good.mean()), "reward_std": float(good.std(correction=0)),
+                "filtered_fraction": filtered, "invalid_rewards": int((~valid).sum()), "dropped_groups": dropped,
+                "valid_samples": int(sel.sum())}
+
+    # ------------------------------------------------------------------------------------------------ update
+
+    def train_epoch(self, epoch: int, rollouts: Rollouts, stats: dict[str, Any], times: dict[str, float]) -> None:
+        cfg, env = self.cfg, self.env
+        survivors = torch.nonzero(stats["train"]).flatten()
+        survivors = survivors[torch.randperm(survivors.numel(), generator=_generator(cfg.run.seed, epoch, "order"))]
+        chunks = torch.tensor_split(survivors, cfg.optim.steps_per_epoch)
+        for chunk in chunks:
+            if chunk.numel() == 0:
+                self.metrics.info(f"epoch {epoch}: no surviving samples for an optimizer step; step skipped")
+                continue
+            t0 = time.perf_counter()
+            sums = self.accumulate(epoch, rollouts, stats["r"], chunk.tolist())
+            row = self.optimizer_step(sums)
+            dt = time.perf_counter() - t0
+            row = {"epoch": epoch, "step": self.step, **row, "reward_mean": stats["reward_mean"],
+                   "reward_std": stats["reward_std"], "filtered_fraction": stats["filtered_fraction"],
+                   "invalid_rewards": stats["invalid_rewards"], "dropped_groups": stats["dropped_groups"],
+                   "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
+                   "samples_per_s": chunk.numel() / dt, **times, "time_train": dt}
+            self.metrics.log_step(row)
+
+    def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> torch.Tensor:
+        """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms."""
+        cfg, env, fam = self.cfg, self.env, self.family
+        bsz, t_train = cfg.sampling.batch_size, self.plan.train_timesteps
+        n = self.plan.samples_per_rank
+        owner_counts = [sum(1 for g in chunk if g // n == rank) for rank in range(env.world_size)]
+        micro_batches = max(math.ceil(c / bsz) for c in owner_counts)
+        mine = [g - env.rank * n for g in chunk if g // n == env.rank]  # local positions
+        denom = len(chunk) * t_train
+        reduce_scale = loss_scale_for_reduction(env)
+        sums = torch.zeros(5, dtype=torch.float64)
+        grid = self.sigmas[:-1].to(torch.float32)
+        shape = tuple(fam.latent_shape)
+        for mb in range(micro_batches):
+            local = mine[mb * bsz:(mb + 1) * bsz]
+            weight = 1.0
+            if not local:  # padding: keep this rank's collectives in step with the others, contribute nothing
+                local, weight = [0], 0.0
+            index = torch.tensor(local)
+            x0 = rollouts.latents[index.to(rollouts.latents.device)]
+            cond = fam.index_conditioning(rollouts.cond, index)
+            r = r_global[[rollouts.indices[i] for i in local]].to(env.device)
+            mask = torch.full((len(local),), weight, device=env.device)
+            steps = torch.stack([sample_timesteps(cfg.run.seed, epoch, rollouts.indices[i], cfg.sampling.num_steps,
+                                                  t_train) for i in local])  # [B, T]
+            noise = torch.stack([sample_train_noise(cfg.run.seed, epoch, rollouts.indices[i], t_train, shape)
+                                 for i in local])  # [B, T, N, C]
+            velocity = {which: self.weights.velocity(cond, which) for which in ("default", "old", "ref")}
+            for j in range(t_train):
+                t = grid[steps[:, j]].to(env.device)
+                eps = noise[:, j].to(env.device, x0.dtype)
+                tv = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+                x_t = (1.0 - tv) * x0 + tv * eps
+                out = self.nft_terms(velocity, x_t, x0, t, r, mask)
+                scale = float(mask.sum()) / denom
+                (out.loss * (scale * reduce_scale)).backward()
+                terms = torch.stack([out.loss, out.policy_loss, out.kl_loss, out.old_deviate, out.x0_norm])
+                sums += terms.detach().double().cpu() * scale
+        return all_reduce_sum(sums, env)
+
+    def nft_terms(self, velocity, x_t, x0, t, r, mask):
+        """The three velocities at (x_t, t) and `nft_loss`; θ's forward runs last, so activation checkpointing
+        recomputes it under the "default" adapter."""
+        nft = self.cfg.nft
+        with self.autocast():
+            return self._nft_terms(velocity, x_t, x0, t, r, mask, nft)
+
+    def _nft_terms(self, velocity, x_t, x0, t, r, mask, nft):
+        with torch.no_grad():
+            v_old = velocity["old"](x_t, t)
+            v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
+        v_theta = velocity["default"](x_t, t)
+        return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max, mask=mask,
+                            v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight)
+
+    def optimizer_step(self, sums: torch.Tensor) -> dict[str, Any]:
+        """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient."""
+        loss, policy, kl, deviate, x0_norm = sums.tolist()
+        max_norm = self.cfg.optim.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_in_a_row += 1
+            self.nan_skipped += 1
+            if self.nan_in_a_row >= self.max_nan_steps:
+                raise NonFiniteLossError(
+                    f"{self.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: loss "
+                    f"{loss}, grad norm {grad_norm}); stopping. Lower optim.lr, check the rewards, or resume from "
+                    "the last checkpoint")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ema.step(self.weights.state("default"))
+            self.nan_in_a_row = 0
+            self.step += 1
+        return {"loss": loss, "policy_loss": policy, "kl_loss": kl, "old_deviate": deviate, "x0_norm": x0_norm,
+                "grad_norm": grad_norm, "lr": self.cfg.optim.lr, "nan_skipped": int(skipped),
+                "nan_skipped_total": self.nan_skipped}
+
+    # ------------------------------------------------------------------------------------------------ eval
+
+    @torch.no_grad()
+    def evaluate(self, weights: str = "ema", limit: int | None = None) -> tuple[float, torch.Tensor]:
+        """Mean reward on the eval split with fixed noise, and the edited images; `weights` is "ema" (the EMA swapped
+        into "default"), "live" ("default" as is) or "base" (adapters disabled). Every rank evaluates the whole
+        (small) split, so FSDP2's collectives stay in step."""
+        cfg, fam = self.cfg, self.family
+        data = fam.eval_dataset
+        count = len(data) if not cfg.eval.max_samples else min(len(data), cfg.eval.max_samples)
+        count = count if limit is None else min(count, limit)
+        samples = [data[i] for i in range(count)]
+        images, scores = [], []
+        for start in range(0, count, cfg.eval.batch_size):
+            batch = samples[start:start + cfg.eval.batch_size]
+            cond = fam.conditioning(batch)
+            noise = rollout_noise(cfg.run.seed, -1, list(range(start, start + len(batch))), fam.latent_shape)
+            sigmas = fam.sigmas(cfg.eval.num_steps)
+
+            def run(which: str = "default"):
+                return solve(self.weights.velocity(cond, which), noise.to(self.env.device), sigmas,
+                             solver=cfg.eval.solver)
+
+            with self.autocast():
+                if weights == "base":
+                    x0 = run("ref")
+                elif weights == "ema":
+                    with self.ema.swapped(self.weights.state("default")):
+                        x0 = run()
+                else:
+                    x0 = run()
+            edited = fam.decode(x0).cpu()
+            result = self.reward_fn(edited, fam.source_images(batch).cpu(), [s.prompt for s in batch],
+                                    [fam.reward_metadata(s) for s in batch])
+            images.append(edited)
+            scores.append(result.scores[result.valid])
+        scores = torch.cat(scores)
+        return (float(scores.mean()) if scores.numel() else float("nan")), torch.cat(images)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "ema_updates": self.ema.num_updates, "prompt_ban": self.ban.state_dict(),
+                "nan_in_a_row": self.nan_in_a_row, "nan_skipped": self.nan_skipped,
+                "epoch_rewards": self.epoch_rewards, "eval_rewards": self.eval_rewards}
+
+    def save(self) -> Path:
+        cfg = self.cfg
+        export = self._export_lora if cfg.checkpoint.export_lora else None
+        path = ckpt.save_checkpoint(cfg.run.checkpoint_dir, self.epoch, weights=self.weights,
+                                    optimizer=self.optimizer, ema=self.ema, trainer_state=self.trainer_state(),
+                                    config_toml=config_to_toml(cfg), env=self.env,
+                                    keep_latest=cfg.checkpoint.keep_latest, export=export)
+        self.metrics.info(f"# saved {path}")
+        return path
+
+    def _export_lora(self, path: Path) -> None:
+        """EMA weights as PEFT and diffusers LoRA files. Gathering a sharded adapter is a collective, so every rank
+        writes; ranks other than 0 write to a scratch folder that is removed."""
+        import shutil
+
+        out = path / "lora_ema" if self.env.is_main else path / f".scratch-rank{self.env.rank}"
+        with self.ema.swapped(self.weights.state("default")):
+            self.weights.export(out)
+        if not self.env.is_main:
+            shutil.rmtree(out, ignore_errors=True)
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load_checkpoint(path, weights=self.weights, optimizer=self.optimizer, ema=self.ema)
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.ema.num_updates = state["ema_updates"]
+        self.ban.load_state_dict(state["prompt_ban"])
+        self.nan_in_a_row, self.nan_skipped = state["nan_in_a_row"], state["nan_skipped"]
+        self.epoch_rewards = list(state["epoch_rewards"])
+        self.eval_rewards = [tuple(x) for x in state.get("eval_rewards", [])]
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,149 @@
+"""nftcore.demo.model and nftcore.demo.pretrain: pixel-patch packing, the policy's conditioning / velocity / sampling
+API, the one-file checkpoint, LoRA on the demo transformer, the shipped base checkpoint's partial skill, and a few
+pretraining steps through the function API."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nftcore.demo import DemoDataset, stack_images, tokenize_batch, verify
+from nftcore.demo.model import ASSET, DemoPolicy, pack_images, unpack_images
+from nftcore.demo.pretrain import PretrainConfig, evaluate, eval_tasks, flow_matching_loss, pretrain
+from nftcore.models.lora import adapters_disabled, apply_lora, trainable_parameters, using_adapter
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors on a busy 2-core machine: intra-op threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return list(DemoDataset(4, seed=5).tasks)
+
+
+def _randomised(seed: int = 0) -> DemoPolicy:
+    """A fresh policy whose zero-initialised layers are filled in, so outputs depend on every weight."""
+    policy = DemoPolicy.fresh(seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return policy.eval()
+
+
+def test_pack_unpack_round_trip():
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = pack_images(images, 4)
+    assert tokens.shape == (3, 64, 48)
+    assert tokens.min() >= -1 and tokens.max() <= 1
+    # token (row 1, col 2) holds the 4x4 patch at pixels [4:8, 8:12], channels (c, py, px)
+    patch = images[0, :, 4:8, 8:12] * 2 - 1
+    assert torch.allclose(tokens[0, 1 * 8 + 2], patch.reshape(-1))
+    assert torch.allclose(unpack_images(tokens, 4, (8, 8)), images, atol=1e-6)
+    with pytest.raises(ValueError):
+        pack_images(images[:, :, :30], 4)
+
+
+def test_conditioning_and_velocity_shapes(tasks):
+    policy = _randomised()
+    source, _ = stack_images(tasks)
+    cond = policy.conditioning(source, [t.instruction for t in tasks])
+    assert cond.prompt_embeds.shape == (4, 7, 64) and cond.pooled_prompt_embeds.shape == (4, 64)
+    assert cond.source_latents.shape == (4, 64, 48)
+    assert cond.img_ids.shape == (128, 3) and cond.txt_ids.shape == (7, 3) and cond.guidance is None
+    assert not cond.prompt_embeds.requires_grad  # frozen for RL: computed under no_grad
+    x = policy.noise(4, torch.Generator().manual_seed(1))
+    v = policy.velocity_fn(cond)(x, torch.tensor([0.9, 0.5, 0.3, 0.1]))
+    assert v.shape == x.shape == (4, 64, 48)
+    out = policy.sample(cond, x, num_steps=3, solver="euler")
+    assert out.shape == x.shape
+    images = policy.decode(out)
+    assert images.shape == (4, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
+
+
+def test_text_encoder_respects_padding():
+    policy = _randomised()
+    ids, mask = tokenize_batch(["remove the red circle", "make the blue square green"])
+    embeds, pooled = policy.text_encoder(ids, mask)
+    short_embeds, short_pooled = policy.text_encoder(ids[:, :6], mask[:, :6])  # one pad fewer
+    assert torch.allclose(pooled, short_pooled, atol=1e-5)
+    assert torch.allclose(embeds[:, :6], short_embeds, atol=1e-5)
+    assert (embeds[~mask] == 0).all()
+    changed = ids.clone()
+    changed[~mask] = 5  # whatever sits under the mask changes nothing
+    assert torch.allclose(policy.text_encoder(changed, mask)[1], pooled, atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path, tasks):
+    policy = _randomised(3)
+    path = policy.save(tmp_path / "p.safetensors")
+    loaded = DemoPolicy.load(path)
+    assert loaded.config_dict() == policy.config_dict()
+    source, _ = stack_images(tasks)
+    prompts = [t.instruction for t in tasks]
+    a = policy.edit(source, prompts, generator=torch.Generator().manual_seed(0), num_steps=2)
+    b = loaded.edit(source, prompts, generator=torch.Generator().manual_seed(0), num_steps=2)
+    assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError):
+        DemoPolicy.from_pretrained(tmp_path / "missing.safetensors")
+
+
+def test_shipped_base_checkpoint_has_partial_skill():
+    assert ASSET.is_file(), "run `python -m nftcore.demo.pretrain` to make the shipped base checkpoint"
+    policy = DemoPolicy.from_pretrained()
+    held_out = eval_tasks(16, size=policy.demo.image_size)
+    rewards = evaluate(policy, held_out, num_steps=6, solver="dpm2", seed=0)
+    again = evaluate(policy, held_out, num_steps=6, solver="dpm2", seed=0)
+    assert torch.equal(rewards, again)
+    assert 0.15 < rewards.mean().item() < 0.85, rewards
+    assert rewards.std() > 0.02  # a spread for group-relative advantages to rank
+
+
+def test_lora_starts_as_identity_and_trains_only_adapters(tasks):
+    policy = _randomised(4)
+    source, _ = stack_images(tasks)
+    cond = policy.conditioning(source, [t.instruction for t in tasks])
+    x = policy.noise(4, torch.Generator().manual_seed(2))
+    before = policy.velocity_fn(cond)(x, 0.7).detach()
+    layers = apply_lora(policy.transformer, rank=4, alpha=8.0)
+    assert layers
+    velocity = policy.velocity_fn(cond)
+    assert torch.equal(velocity(x, 0.7), before)  # B = 0 at init
+    with adapters_disabled(policy.transformer), torch.no_grad():
+        assert torch.equal(velocity(x, 0.7), before)
+    with using_adapter(policy.transformer, "old"), torch.no_grad():
+        assert torch.equal(velocity(x, 0.7), before)
+    adapters = {id(p) for p in trainable_parameters(policy.transformer, "default")}
+    velocity(x, 0.7).square().mean().backward()
+    trained = [n for n, p in policy.named_parameters() if p.grad is not None]
+    assert trained and all(id(dict(policy.named_parameters())[n]) in adapters for n in trained)
+    assert not any(p.requires_grad for p in policy.text_encoder.parameters()) or cond.prompt_embeds.grad_fn is None
+    # the file holds base weights only, so saving with adapters attached still loads into a plain policy
+    assert not any(".lora_" in k for k in policy.base_state_dict())
+
+
+def test_pretrain_runs_a_few_steps():
+    cfg = PretrainConfig(steps=3, batch_size=4, warmup=1, eval_every=0, seed=1)
+    policy = DemoPolicy.fresh(cfg.seed)
+    start = {k: v.clone() for k, v in policy.state_dict().items()}
+    trained = pretrain(cfg, policy=policy, log=None)
+    assert trained is policy and not policy.training
+    moved = [k for k, v in policy.state_dict().items() if not torch.equal(v, start[k])]
+    assert any(k.startswith("transformer.") for k in moved) and any(k.startswith("text_encoder.") for k in moved)
+    loss = flow_matching_loss(policy, list(DemoDataset(2, seed=0).tasks), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    # deterministic from the seed
+    again = pretrain(cfg, log=None)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
+    assert verify(policy.edit(*_one_edit(), num_steps=2), list(DemoDataset(1, seed=0).tasks)).shape == (1,)
+
+
+def _one_edit():
+    task = DemoDataset(1, seed=0).tasks[0]
+    return task.source_image[None], [task.instruction]
