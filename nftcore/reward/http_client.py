@@ -12,9 +12,10 @@ Images travel as base64 PNG by default (lossless, so a remote score equals the i
 what Edit-R1 sends; the JPEG round trip changes the pixels and so the score slightly).
 
 Failure policy: connection errors, timeouts, 5xx responses and unreadable responses are retried `retries` times
-with exponential backoff (`backoff * 2**attempt` seconds); a 4xx is not retried (the same request would fail the
-same way). A chunk that still fails is returned *invalid* (NaN, valid=False) with the reason in `errors`, never as
-0.0, so the trainer drops its group and counts it instead of learning from a fake score (ALGORITHM.md 11.4).
+with exponential backoff (`backoff * 2**attempt` seconds, capped at `max_backoff`); a 4xx is not retried (the same
+request would fail the same way). A chunk that still fails is returned *invalid* (NaN, valid=False) with the reason
+in `errors`, never as 0.0, so the trainer drops its group and counts it instead of learning from a fake score
+(ALGORITHM.md 11.4).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ class HTTPReward:
         url: the server root, e.g. "http://127.0.0.1:12341".
         timeout: seconds per HTTP attempt (connect + score + response).
         retries: extra attempts after the first, for retryable failures (see the module docstring).
-        backoff: base of the exponential backoff between attempts, in seconds.
+        backoff: base of the exponential backoff between attempts, in seconds (backoff, 2 backoff, 4 backoff, ...).
+        max_backoff: cap on one wait, in seconds.
         image_format: "PNG" (lossless, default) or "JPEG".
         requirement_key: the metadata field sent as the requirement.
         max_chunk: samples per request; a large batch is split so one request stays well under the server's
@@ -86,12 +88,13 @@ class HTTPReward:
     """
 
     def __init__(self, url: str = "http://127.0.0.1:12341", *, timeout: float = 360.0, retries: int = 3,
-                 backoff: float = 1.0, image_format: str = "PNG", requirement_key: str = "requirement",
-                 max_chunk: int = 64):
+                 backoff: float = 1.0, max_backoff: float = 60.0, image_format: str = "PNG",
+                 requirement_key: str = "requirement", max_chunk: int = 64):
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
         self.retries = max(0, int(retries))
         self.backoff = float(backoff)
+        self.max_backoff = float(max_backoff)
         self.image_format = image_format
         self.requirement_key = requirement_key
         self.max_chunk = max(1, int(max_chunk))
@@ -121,7 +124,7 @@ class HTTPReward:
         error = "no attempt made"
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(min(self.backoff * 2 ** (attempt - 1), self.max_backoff))
             try:
                 status, reply = self._post("/score", body)
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short

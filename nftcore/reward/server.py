@@ -169,6 +169,8 @@ class BatchingWorker:
         cat = (lambda attr: [x for job in batch for x in getattr(job, attr)])
         scores = self.scorer.score(cat("edited"), cat("sources"), cat("prompts"), cat("requirements"))
         scores = [float(s) for s in scores]
+        if len(scores) != sum(len(job) for job in batch):
+            raise RuntimeError(f"the scorer returned {len(scores)} scores for {sum(len(j) for j in batch)} samples")
         self.batches += 1
         self.samples += len(scores)
         lo = 0
