@@ -39,8 +39,9 @@ class RunConfig:
                                    "(a fixed layout that scripts rely on).")
     epochs: int = option(4, "Epochs to train. One epoch: G·K rollouts, their rewards, then optim.steps_per_epoch "
                             "optimizer steps. The reference runs until stopped (an 'epoch' is its 'step').")
-    seed: int = option(42, "Base seed. Prompt order uses it alike on every rank; noise and timesteps use seed + rank, "
-                           "so ranks draw different noise.")
+    seed: int = option(42, "Base seed. Prompt order, rollout noise, training timesteps and training noise are "
+                           "all seeded per sample from (seed, epoch, global sample index), so results do not depend on "
+                           "the number of ranks.")
 
     @property
     def metrics_path(self) -> Path:
