@@ -203,30 +203,63 @@ def print_tflops(results) -> None:
         print(" | ".join([case, mode, dtype] + fmt))
 
 
+# The sweep grid per kernel (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M is the query tile, BLOCK_N the key tile.
+SWEEP_GRID = {
+    "fwd": list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))),
+    "dkdv": list(itertools.product((32, 64), (64, 128), (4, 8), (2, 3, 4))),
+    "dq": list(itertools.product((64, 128), (32, 64), (4, 8), (2, 3, 4))),
+}
+
+
+def _reference_grads(qkv, rope, grad) -> list[torch.Tensor]:
+    """fp32 gradients of q, k, v for the upstream gradient `grad` (RoPE rotated in fp32 first)."""
+    q, k, v = (x.detach().float().requires_grad_() for x in qkv)
+    qr, kr = (_rotate_eager(q, *rope), _rotate_eager(k, *rope)) if rope is not None else (q, k)
+    out = F.scaled_dot_product_attention(qr.transpose(1, 2), kr.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return list(torch.autograd.grad(out, (q, k, v), grad.float()))
+
+
+def _max_rel(got, ref) -> float:
+    return max(((g.float() - r).abs().max() / r.abs().max()).item() for g, r in zip(got, ref))
+
+
 def sweep(kernel: str, shape: AttentionShape, dtype, device, args) -> None:
-    """Time every block config of the commented sweep grid for one kernel at one shape (GPU only)."""
+    """Time every config of `SWEEP_GRID[kernel]` at one shape with RoPE on (the training call), and check each one's
+    output (fwd) or q/k/v gradients (dkdv, dq: a full backward) against fp32 SDPA; GPU only."""
     kern = importlib.import_module("nftcore.kernels.attention")
     bd = kern.padded_head_dim(shape.D)
     original = kern._GPU_CONFIGS[kernel][bd]
     qkv, grad = make_inputs(shape, dtype, device)
     rope = _rope(shape.N, shape.D, device)
     flops = shape.flops("fwd" if kernel == "fwd" else "bwd")
-    print(f"sweep {kernel} at {shape.name} {dtype} (shipped: {original})")
+    ref = [_reference(qkv, rope)] if kernel == "fwd" else _reference_grads(qkv, rope, grad)
+    tolerance = TOLERANCE[dtype] * (1 if kernel == "fwd" else 2)  # gradients sum over N: a little looser
+    print(f"sweep {kernel} at {shape.name} {dtype} with RoPE (shipped: {original}); error tolerance {tolerance}")
+    timings = []
     try:
-        for cfg in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4, 5)):
+        for cfg in SWEEP_GRID[kernel]:
             kern._GPU_CONFIGS[kernel][bd] = cfg
             try:
                 if kernel == "fwd":
                     step = lambda: nftcore.ops.attention(*qkv, rope=rope)  # noqa: E731
+                    with torch.no_grad():
+                        err = _max_rel([step()], ref)
                 else:
                     out = nftcore.ops.attention(*qkv, rope=rope)
                     step = lambda o=out: o.backward(grad, retain_graph=True)  # noqa: E731
+                    err = _max_rel(torch.autograd.grad(out, qkv, grad, retain_graph=True), ref)
                 ms = harness.time_fn(step, device, grad_to_none=qkv).p50
-                print(f"  {cfg}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s")
+                ok = err <= tolerance
+                if ok:
+                    timings.append((ms, cfg))
+                print(f"  {cfg}: {ms:.3f} ms  {flops / ms / 1e9:.0f} TFLOP/s  max rel err {err:.1e}"
+                      f"{'' if ok else '  WRONG'}", flush=True)
             except Exception as exc:  # noqa: BLE001 - out of shared memory, too many registers: skip the config
-                print(f"  {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
+                print(f"  {cfg}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})", flush=True)
     finally:
         kern._GPU_CONFIGS[kernel][bd] = original
+    for ms, cfg in sorted(timings)[:5]:
+        print(f"  best {kernel} {shape.name}: {cfg} {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[harness.Result]:

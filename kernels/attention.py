@@ -126,6 +126,8 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, Mask, Cos, Sin,
                      H, N_Q, N_K, qk_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_MASK: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax forward of one query block. ROPE rotates the q tile here (once per program); K arrives
+    already rotated (see `attention_forward`)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)  # int64: B·N·H·D can pass 2**31 elements at large batch
@@ -141,8 +143,7 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, Mask, Cos, Sin,
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_qk(K, k_base, Cos, Sin, off_b * scb, offs_n, N_K, skn, scn,
-                     HEAD_DIM, BLOCK_N, BLOCK_D, ROPE, UPCAST)  # [BN, BD]
+        k = _load_tile(K + k_base, offs_n, N_K, skn, HEAD_DIM, BLOCK_D, UPCAST)  # [BN, BD], rotated by the launcher
         v = _load_tile(V + v_base, offs_n, N_K, svn, HEAD_DIM, BLOCK_D, UPCAST)  # [BN, BD]
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BM, BN], base-2 logits
         s = tl.where(_key_ok(Mask, off_b * smb, offs_n, N_K, HAS_MASK)[None, :], s, float("-inf"))
@@ -177,32 +178,40 @@ def _attn_bwd_preprocess_kernel(Out, DO, Delta, sob, son, soh, sdb, sdn, sdh, H,
 
 @triton.jit
 def _rope_kernel(X, Y, Cos, Sin, sxb, sxn, sxh, syb, syn, syh, scb, scn, H, N,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, INVERSE: tl.constexpr,
+                 UPCAST: tl.constexpr):
     """Y = RoPE(X) for [B, N, H, D] tensors, rounded to Y's dtype exactly as the forward rounds its rotated tiles.
 
-    The backward reads q and k once per (key block, query block) pair; rotating them inside its inner loops made
+    The forward rotates k with it (k is read once per query block); the backward reads q and k once per
+    (key block, query block) pair: rotating them inside its inner loops made
     every dK/dV configuration spill registers at D = 128 on sm_90 (AOT: 72-536 B of stack), while this pass costs
-    one read and one write of q and k (about 1 % of the backward at the FLUX-Kontext 1024² shape)."""
+    one read and one write of q and k (about 1 % of the backward at the FLUX-Kontext 1024² shape). With INVERSE it
+    rotates by −θ: dq and dk, the gradients of the rotated q and k, go back to the caller's basis (a pass after the
+    backward kernels rather than inside them, where it made dK/dV spill at D = 128 with Triton 3.6)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
     off_h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    x = _load_qk(X, off_b * sxb + off_h * sxh, Cos, Sin, off_b * scb, offs_m, N, sxn, scn,
-                 HEAD_DIM, BLOCK_M, BLOCK_D, True, UPCAST)
-    _store_tile(Y + off_b * syb + off_h * syh, offs_m, N, syn, x, HEAD_DIM, BLOCK_D)
+    x = _load_tile(X + off_b * sxb + off_h * sxh, offs_m, N, sxn, HEAD_DIM, BLOCK_D, UPCAST)
+    c, s = _load_rope(Cos, Sin, off_b * scb, offs_m, N, scn, HEAD_DIM, BLOCK_D)
+    if INVERSE:
+        s = -s
+    # Every program reads its whole tile before it writes it, so Y may be X (the backward rotates dq, dk in place).
+    _store_tile(Y + off_b * syb + off_h * syh, offs_m, N, syn, _rotate(x.to(tl.float32), c, s, BLOCK_M, BLOCK_D),
+                HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Cos, Sin,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask,
                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh,
-                          sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, smb, scb, scn,
+                          sdkb, sdkn, sdkh, sdvb, sdvn, sdvh, smb,
                           H, N_Q, N_K, sm_scale, qk_scale,
                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PREC: tl.constexpr):
     """One key block: dV = Σ_i Pᵀ·dO, dK = scale·Σ_i dSᵀ·Q over all query blocks (transposed tiles, [BN, BM]).
-    Q and K arrive already rotated (see `attention_backward`); ROPE only rotates dK back."""
+    With RoPE, Q and K arrive rotated and dK leaves in the rotated basis (see `attention_backward`)."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -232,21 +241,18 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, Lse, Delta, DK, DV, Mask, Cos, Sin,
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
-    if ROPE:  # dk is the gradient of the rotated k: rotate back by −θ
-        c, s = _load_rope(Cos, Sin, off_b * scb, offs_n, N_K, scn, HEAD_DIM, BLOCK_D)
-        dk = _rotate(dk, c, -s, BLOCK_N, BLOCK_D)
     _store_tile(DK + off_b * sdkb + off_h * sdkh, offs_n, N_K, sdkn, dk, HEAD_DIM, BLOCK_D)
     _store_tile(DV + off_b * sdvb + off_h * sdvh, offs_n, N_K, sdvn, dv, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, Cos, Sin,
-                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh, sdqb, sdqn, sdqh, smb, scb, scn,
+def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask,
+                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, sdb, sdn, sdh, sdqb, sdqn, sdqh, smb,
                         H, N_Q, N_K, sm_scale, qk_scale,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_MASK: tl.constexpr, ROPE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                        HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     """One query block: dQ = scale·Σ_j dS·K over all key blocks; each program owns its rows, so no atomics.
-    Q and K arrive already rotated; ROPE only rotates dQ back."""
+    With RoPE, Q and K arrive rotated and dQ leaves in the rotated basis."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = (pid_bh // H).to(tl.int64)
@@ -273,9 +279,6 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, Cos, Sin,
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
-    if ROPE:
-        c, s = _load_rope(Cos, Sin, off_b * scb, offs_m, N_Q, scn, HEAD_DIM, BLOCK_D)
-        dq = _rotate(dq, c, -s, BLOCK_M, BLOCK_D)
     _store_tile(DQ + off_b * sdqb + off_h * sdqh, offs_m, N_Q, sdqn, dq, HEAD_DIM, BLOCK_D)
 
 
@@ -289,14 +292,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, Lse, Delta, DQ, Mask, Cos, Sin,
 #   BLOCK_M ∈ {64, 128}, BLOCK_N ∈ {32, 64, 128}, num_warps ∈ {4, 8}, num_stages ∈ {2, 3, 4, 5}
 #   (fwd: the tutorial's H100 picks are 128×64 / 8 warps / 3 stages at D=128 and 128×64 / 4 warps at D=64;
 #    bwd: the tutorial uses 32×128 for dK/dV and 128×32 for dQ, 4 warps, 5 stages).
-# Picked without GPU timings, by the AOT compile (shared memory <= 227 KiB, wgmma, zero stack = no spills) from
-# those starting points: fwd D=64 moved to 8 warps (4 warps spilled 8 B with RoPE on); dK/dV D=128 moved to 32×128
-# (64×128 and 64×64 at 4 warps spilled 32-536 B). Re-tune with timings on the first GPU run.
+# First picked by the AOT compile alone (shared memory <= 227 KiB, wgmma, zero stack = no spills); then timed on an
+# H200 (2026-11-27, Triton 3.6, bf16, FLUX-Kontext 1024² shape B=1 H=24 N=8704 D=128, RoPE on; sweep results in
+# bench/RESULTS.md): fwd 128×64/8w/3s 402 TFLOP/s (best of 36: 411, kept); dQ 128×64/8w/3s the best of 24 (354 TFLOP/s
+# for the whole backward); dK/dV D=128 moved from 32×128/8w/3s (6.68 ms backward) to 32×64/4w/4s (6.10 ms, -9 %,
+# no spills with Triton 3.6 or 3.7; 64×64/4w/2s, as fast, spills 32-48 B).
 
 _GPU_CONFIGS = {
     # kernel: {padded D: (BLOCK_M, BLOCK_N, num_warps, num_stages)}
     "fwd": {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
-    "dkdv": {32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (32, 128, 8, 3)},
+    "dkdv": {32: (64, 128, 8, 3), 64: (64, 128, 8, 3), 128: (32, 64, 4, 4)},
     "dq": {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3)},
 }
 # No GPU config for fp32: IEEE fp32 dots run on CUDA cores, and every fp32 config tried spilled registers on sm_90
@@ -407,6 +412,10 @@ def attention_forward(q, k, v, mask, cos, sin, scale):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, n_q), device=q.device, dtype=torch.float32)
     mask_u8, smb, cos_t, sin_t, scb, scn = _extras(q, mask, cos, sin)
+    if cos is not None:
+        # k is read once per query block: rotate it once here (a bandwidth pass) rather than in the inner loop,
+        # which cost 30-40 % of the forward's throughput on an H200. q is rotated in the kernel, once per program.
+        k = _rotate_copy(k, cos_t, sin_t, scb, scn)
     block_m, block_n, warps, stages = select_config("fwd", head_dim, q.dtype)
     grid = (triton.cdiv(n_q, block_m), batch * heads)
     _attn_fwd_kernel[grid](
@@ -421,14 +430,15 @@ def attention_forward(q, k, v, mask, cos, sin, scale):
     return out, lse
 
 
-def _rotate_copy(x, cos, sin, scb, scn):
-    """RoPE(x) as a new contiguous [B, N, H, D] tensor in x's dtype (cos/sin already fp32 from `_extras`)."""
+def _rotate_copy(x, cos, sin, scb, scn, *, inverse=False, out=None):
+    """RoPE(x) (−θ when `inverse`) into `out` (default: a new contiguous tensor; `out` may be x itself) in x's dtype;
+    x, out are [B, N, H, D], cos/sin already fp32 from `_extras`."""
     batch, n, heads, head_dim = x.shape
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     _rope_kernel[(triton.cdiv(n, _PREPROCESS_BLOCK_M), batch * heads)](
         x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2), scb, scn,
         heads, n, HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=_PREPROCESS_BLOCK_M,
-        UPCAST=interpreting(),
+        INVERSE=inverse, UPCAST=interpreting(),
     )
     return y
 
@@ -470,21 +480,24 @@ def attention_backward(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deter
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_MASK=mask is not None, ROPE=cos is not None,
-                 UPCAST=interpreting(), DOT_PREC=_dot_precision(q.dtype))
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, HAS_MASK=mask is not None, UPCAST=interpreting(),
+                 DOT_PREC=_dot_precision(q.dtype))
 
     block_m, block_n, warps, stages = select_config("dkdv", head_dim, q.dtype)
     _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), batch * heads)](
-        q, k, v, grad_out, lse, delta, dk, dv, mask_u8, cos_t, sin_t, *common,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smb, scb, scn,
+        q, k, v, grad_out, lse, delta, dk, dv, mask_u8, *common,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), smb,
         heads, n_q, n_k, scale, scale * _LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
     block_m, block_n, warps, stages = select_config("dq", head_dim, q.dtype)
     _attn_bwd_dq_kernel[(triton.cdiv(n_q, block_m), batch * heads)](
-        q, k, v, grad_out, lse, delta, dq, mask_u8, cos_t, sin_t, *common,
-        dq.stride(0), dq.stride(1), dq.stride(2), smb, scb, scn,
+        q, k, v, grad_out, lse, delta, dq, mask_u8, *common,
+        dq.stride(0), dq.stride(1), dq.stride(2), smb,
         heads, n_q, n_k, scale, scale * _LOG2E,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **flags,
     )
+    if cos is not None:  # the gradients of the rotated q and k: back to the caller's basis (−θ), in place
+        _rotate_copy(dq, cos_t, sin_t, scb, scn, inverse=True, out=dq)
+        _rotate_copy(dk, cos_t, sin_t, scb, scn, inverse=True, out=dk)
     return dq, dk, dv

@@ -95,7 +95,8 @@ def test_fully_masked_row_zeros_and_infinite_lse(force_triton):
     """A batch row with no attended key: zero output and gradients (no NaN), and lse = +inf for its rows, which is
     what makes every recomputed probability exp(s − lse) vanish in the backward."""
     kern = importlib.import_module(KERNEL_MODULE)
-    (q, k, v, go), rope, mask = make_inputs(2, 40, 40, 1, 32, torch.float32, "nd", "dead_row")
+    dtype = torch.float32 if not ON_GPU else torch.bfloat16  # fp32 on CUDA goes to the reference, not the kernel
+    (q, k, v, go), rope, mask = _to(DEVICE, *make_inputs(2, 40, 40, 1, 32, dtype, "nd", "dead_row"))
     out, dq, dk, dv = run_with_grads(attention, q, k, v, go, key_padding_mask=mask, rope=rope)
     for x in (out, dq, dk, dv):
         assert torch.isfinite(x).all() and x[1].abs().max() == 0
@@ -112,7 +113,7 @@ def test_strided_inputs_from_fused_qkv(force_triton):
 
 
 def test_fp64_falls_back_to_reference(force_triton):
-    (q, k, v, go), rope, mask = make_inputs(1, 20, 20, 2, 16, torch.float64, "nd", "partial")
+    (q, k, v, go), rope, mask = _to(DEVICE, *make_inputs(1, 20, 20, 2, 16, torch.float64, "nd", "partial"))
     got = run_with_grads(attention, q, k, v, go, key_padding_mask=mask, rope=rope)
     ref = run_with_grads(naive_attention, q, k, v, go, mask=mask, rope=rope)
     for a, r in zip(got, ref):
@@ -169,14 +170,16 @@ def _aot_specs():
         ptrs = {"fwd": dict(Q=t, K=t, V=t, Out=t, Lse="*fp32"),
                 "dkdv": dict(Q=t, K=t, V=t, DO=t, Lse="*fp32", Delta="*fp32", DK=t, DV=t),
                 "dq": dict(Q=t, K=t, V=t, DO=t, Lse="*fp32", Delta="*fp32", DQ=t)}[kernel]
-        ptrs |= dict(Mask="*u8", Cos="*fp32", Sin="*fp32")
+        # Only the forward reads the RoPE tables (it rotates q); the backward gets q, k rotated by the RoPE pass.
+        ptrs |= dict(Mask="*u8", Cos="*fp32", Sin="*fp32") if kernel == "fwd" else dict(Mask="*u8")
         strides = _STRIDES[kernel].split()
         scalars = {"qk_scale": "fp32"} if kernel == "fwd" else {"sm_scale": "fp32", "qk_scale": "fp32"}
-        sig = {**ptrs, **{s: "i32" for s in strides + ["smb", "scb", "scn", "H", "N_Q", "N_K"]}, **scalars}
+        extra = ["smb", "scb", "scn"] if kernel == "fwd" else ["smb"]
+        sig = {**ptrs, **{s: "i32" for s in strides + extra + ["H", "N_Q", "N_K"]}, **scalars}
         # Pointers and row strides as a launch on [B, N, H, D] tensors specialises them (multiples of 16); the
         # lengths and the rope/mask strides not.
-        const = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_MASK=heavy, ROPE=heavy,
-                     UPCAST=False, DOT_PREC=kern._dot_precision(dtype))
+        const = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=bm, BLOCK_N=bn, HAS_MASK=heavy, UPCAST=False,
+                     DOT_PREC=kern._dot_precision(dtype), **(dict(ROPE=heavy) if kernel == "fwd" else {}))
         specs.append(AOTSpec(KERNEL_MODULE, _KERNEL_NAMES[kernel], sig, const, num_warps=warps, num_stages=stages,
                              divisible_by_16=tuple(ptrs) + tuple(strides),
                              label=f"{kernel} D={head_dim}/{bd} {str(dtype)[6:]} {bm}x{bn} w{warps} s{stages}"
@@ -191,7 +194,7 @@ def _aot_specs():
                                  label=f"preprocess D={bd} {str(dtype)[6:]}"))
             specs.append(AOTSpec(KERNEL_MODULE, "_rope_kernel",
                                  {"X": t, "Y": t, "Cos": "*fp32", "Sin": "*fp32", **{s: "i32" for s in
-                                  "sxb sxn sxh syb syn syh scb scn H N".split()}}, {**const, "UPCAST": False},
+                                  "sxb sxn sxh syb syn syh scb scn H N".split()}}, {**const, "INVERSE": False, "UPCAST": False},
                                  label=f"rope D={bd} {str(dtype)[6:]}"))
     return specs
 

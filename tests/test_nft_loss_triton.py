@@ -268,7 +268,10 @@ def test_gpu_real_sizes_two_launches(dtype, shape):
     for f in FIELDS:
         assert rel_err(getattr(out, f), getattr(ref, f)) <= 1e-6, f
     if dtype == torch.float32:
-        assert rel_err(grad, ref_grad) <= 1e-6
+        # Against fp64, relative to the fp32 reference's own error: on an H200 at 1 x 1024 px the two fp32 paths
+        # differed by 2.4e-6 (different reduction orders), more than a fixed 1e-6 allows.
+        _, grad64 = run(nft_loss_reference, inputs, dict(opts), loss_weights(shape[0], "loss"), up=torch.float64)
+        assert rel_err(grad, grad64) <= 2 * rel_err(ref_grad, grad64) + 1e-6
     else:
         bound = torch.finfo(dtype).eps * ref_grad.abs() + 1e-6 * ref_grad.abs().max()
         assert ((grad.float() - ref_grad).abs() <= bound).all()

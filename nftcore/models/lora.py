@@ -167,7 +167,11 @@ class LoRALinear(nn.Linear):
         for seg in self.segments:
             a = torch.zeros(rank, self.in_features, **factory)
             if init == "gaussian":
-                a.normal_(0.0, 1.0 / rank, generator=generator)
+                # Drawn on the generator's device (a CPU generator is the usual seed source), then moved: the same
+                # seed gives the same adapter on any device.
+                draw_on = generator.device if generator is not None else a.device
+                a.copy_(torch.empty(a.shape, dtype=a.dtype, device=draw_on).normal_(0.0, 1.0 / rank,
+                                                                                    generator=generator))
             a_list.append(nn.Parameter(a))
             b_list.append(nn.Parameter(torch.zeros(seg.size, rank, **factory)))
         self.lora_A[name], self.lora_B[name] = a_list, b_list
