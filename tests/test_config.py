@@ -327,8 +327,7 @@ PLANS = {
     ("qwen_image_edit_r1", 2): (144, 48, 3, 48, 1, 5),
     ("qwen_image_edit_r1", 1): (288, 96, 3, 96, 1, 5),
     ("kontext_edit_r1", 24): (12, 4, 3, 4, 1, 5),  # the reference's 24-GPU run: 4 × 5
-    ("demo", 1): (32, 8, 4, 2, 4, 3),  # K·G = 4 × 8; int(4 × 0.99) = 3
-    ("demo", 2): (16, 4, 4, 1, 4, 3),
+    ("demo", 1): (64, 4, 16, 1, 4, 5),  # K·G = 8 × 8 in batches of 16, one per step; int(6 × 0.99) = 5
 }
 
 

@@ -92,6 +92,14 @@ def test_sigmas_equal_diffusers_scheduler(family, num_steps, image_seq_len, sche
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
 
 
+def test_grids_start_at_exactly_one_at_every_resolution():
+    """Regression: the shift computed `e^mu / tensor`, which PyTorch evaluates as a multiplication by the reciprocal,
+    so at some token counts (16: a 64 px Qwen target) the grid started at 1 - 3e-16 and dpm2 refused it."""
+    for schedule in PRESETS.values():
+        for tokens in range(1, 4097, 5):
+            assert schedule.sigmas(2, tokens)[0].item() == 1.0, tokens
+
+
 def test_known_edit_r1_grids_at_512():
     # 512x512 target -> 32x32 packed latent tokens = 1024.
     assert QWEN_IMAGE_SCHEDULE.mu(1024) == pytest.approx(0.539, abs=5e-4)

@@ -1,7 +1,7 @@
 """The trainer in one process: smoke run, golden loss trace, bad config, dead rewards, NaN losses.
 
-All runs use the tiny random demo policy (`--model.path tiny`: 1 double + 1 single block) on 32 px tasks with
-K = 2, so each takes a few seconds on two cores.
+All runs use the tiny random demo policy (`--model.path tiny`: 1 double + 1 single block) on the demo's 16 px
+tasks with K = 2, so each takes a few seconds on two cores.
 
 The golden trace (tests/assets/golden_demo_loss.json) is regenerated with
 
@@ -32,7 +32,7 @@ GOLDEN_RTOL = 2e-3  # thread count and BLAS change the last bits, amplified ~100
 def tiny_args(out, **overrides) -> list[str]:
     """A tiny fixed-seed demo run: 2 epochs × 2 optimizer steps, K = 2, G = 2, 3 sampler steps (T_train = 2)."""
     options = {
-        "run.out": str(out), "run.epochs": 2, "run.seed": 7, "model.path": "tiny", "sampling.resolution": 32,
+        "run.out": str(out), "run.epochs": 2, "run.seed": 7, "model.path": "tiny", "sampling.resolution": 16,
         "sampling.group_size": 2, "sampling.groups_per_epoch": 2, "sampling.batch_size": 1, "sampling.num_steps": 3,
         "optim.steps_per_epoch": 2, "optim.lr": 1e-3, "lora.rank": 2, "lora.alpha": 4.0, "nft.decay_type": 0,
         "filter.rule": "none", "checkpoint.save_every": 1, "eval.every": 0, "metrics.progress": False,
@@ -153,7 +153,7 @@ def test_too_few_prompts_left_is_a_clear_error(tmp_path):
 
     cfg = load_config(tiny_args(tmp_path, **{"filter.rule": "paper", "filter.ban_prompts": True}))
     trainer = Trainer(cfg, reward_fn=saturated_reward, echo=False)
-    trainer.family.train_dataset = DemoDataset(3, size=32)
+    trainer.family.train_dataset = DemoDataset(3, size=trainer.family.policy.demo.image_size)
     with pytest.raises(RuntimeError, match="cannot draw epoch 1's prompts.*2 banned"):
         trainer.train()
 

@@ -1,4 +1,4 @@
-"""The trainer as a job: 1 rank vs 2 ranks (torchrun, gloo, FSDP2) and kill -9 + `--resume latest`.
+"""The trainer as a job: 1 rank vs 2 ranks (torchrun, gloo, FSDP2 or replicated) and kill -9 + `--resume latest`.
 
 Each test launches `python -m nftcore.train` (or torchrun) as a subprocess with the tiny settings of test_trainer.py,
 so what is tested is the command users run.
@@ -47,9 +47,14 @@ RANKS_ARGS = {"run.epochs": 3, "optim.steps_per_epoch": 1, "nft.decay_type": 1, 
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not in the venv")
-def test_one_rank_and_two_ranks_give_the_same_loss_trace(tmp_path):
-    run_tiny(tmp_path / "one", **RANKS_ARGS)  # in process (no process group, no FSDP), one thread like the job
-    run_job(tiny_args(tmp_path / "two", **RANKS_ARGS), nproc=2)
+@pytest.mark.parametrize("layout", ["fsdp2", "replicated", "hsdp"])
+def test_one_rank_and_two_ranks_give_the_same_loss_trace(tmp_path, layout):
+    """FSDP2 sharding, replication with one gradient all-reduce per step (parallel.shard_transformer=false), and HSDP
+    as 2 replicas x 1 shard (parallel.replicate_degree=2: the 2-D mesh path with its cross-replica all-reduce)."""
+    args = {**RANKS_ARGS, "parallel.shard_transformer": layout != "replicated",
+            "parallel.replicate_degree": 2 if layout == "hsdp" else 1}
+    run_tiny(tmp_path / "one", **args)  # in process (no process group, no FSDP), one thread like the job
+    run_job(tiny_args(tmp_path / "two", **args), nproc=2)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     print("1 rank ", one, "\n2 ranks", two)
     assert len(one) == len(two) == 3
@@ -122,3 +127,10 @@ def _rows(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             pass
     return rows
+
+
+def test_hsdp_replicas_must_divide_the_world_size():
+    from nftcore.trainer.distributed import DistEnv, _mesh
+
+    with pytest.raises(ValueError, match="replicate_degree=3 does not divide the world size 4"):
+        _mesh(DistEnv(rank=0, world_size=4), 3, init_device_mesh=None)

@@ -37,7 +37,7 @@ class RunConfig:
     name: str = option("demo", "Run name, for logs and trackers.")
     out: str = option("runs/demo", "Output folder: metrics in OUT/metrics.jsonl, checkpoints under OUT/checkpoints/ "
                                    "(a fixed layout that scripts rely on).")
-    epochs: int = option(4, "Epochs to train. One epoch: G·K rollouts, their rewards, then optim.steps_per_epoch "
+    epochs: int = option(100, "Epochs to train. One epoch: G·K rollouts, their rewards, then optim.steps_per_epoch "
                             "optimizer steps. The reference runs until stopped (an 'epoch' is its 'step').")
     seed: int = option(42, "Base seed. Prompt order, rollout noise, training timesteps and training noise are "
                            "all seeded per sample from (seed, epoch, global sample index), so results do not depend on "
@@ -66,7 +66,8 @@ class ModelConfig:
     family: Literal["demo", "flux", "qwen_image"] = option(
         "demo", "Transformer family: 'flux' (FLUX.1-Kontext), 'qwen_image' (Qwen-Image-Edit), or 'demo' (the "
                 "embedded tiny CPU model).")
-    path: str = option("", "Pretrained diffusers pipeline: a Hugging Face id or a local folder (empty for 'demo').")
+    path: str = option("", "Pretrained diffusers pipeline: a local folder, or a Hugging Face id already in the local "
+                           "cache (nothing is downloaded); empty for the 'demo' base.")
     dtype: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "Storage dtype of the frozen base weights (LoRA adapters are always fp32). The reference loads Kontext "
                 "in fp32, ~24 GB more per GPU than bf16 (§11.7).")
@@ -83,13 +84,13 @@ class ModelConfig:
 class LoRAConfig:
     """The trained adapter ("default") and its rollout twin ("old"), same shape (ALGORITHM.md §1.7)."""
 
-    rank: int = option(4, "LoRA rank r.")
-    alpha: float = option(8.0, "LoRA α; the update is scaled by α / r.")
+    rank: int = option(16, "LoRA rank r.")
+    alpha: float = option(32.0, "LoRA α; the update is scaled by α / r.")
     init: Literal["gaussian", "zeros"] = option(
         "gaussian", "'gaussian': A ~ N(0, 1/r²), B = 0 (PEFT's init, so training starts at the base model); 'zeros'.")
     include_mlp: bool = option(
-        False, "Also adapt the MLPs. Edit-R1 adapts only the attention projections (q, k, v, out, and the text "
-               "stream's add_q/k/v and to_add_out).")
+        True, "Also adapt the MLPs. Edit-R1 adapts only the attention projections (q, k, v, out, and the text "
+              "stream's add_q/k/v and to_add_out); the demo's ≈ 0.5 M-parameter transformer learns faster with both.")
 
     def problems(self) -> list[str]:
         return _failed({
@@ -102,15 +103,16 @@ class LoRAConfig:
 class SamplingConfig:
     """Rollouts: how many per epoch, in which batches, and the ODE that makes them (ALGORITHM.md §2, §5)."""
 
-    group_size: int = option(4, "K: images sampled per prompt, one group. Advantages are relative within a group, so "
+    group_size: int = option(8, "K: images sampled per prompt, one group. Advantages are relative within a group, so "
                                 "K ≥ 2.")
     groups_per_epoch: int = option(8, "G: prompts (groups) per epoch; an epoch rolls out G·K images over all ranks.")
-    batch_size: int = option(4, "Images per rank per rollout call, and the training micro-batch (one size for both, as "
-                                "in the reference). G·K must split into world_size × batch_size (see batch_plan).")
-    num_steps: int = option(4, "Rollout ODE steps. Training noises at exactly these sampler sigmas (§1.4).")
+    batch_size: int = option(16, "Images per rank per rollout call, and the training micro-batch (one size for both, "
+                                 "as in the reference). G·K must split into world_size × batch_size (see batch_plan).")
+    num_steps: int = option(6, "Rollout ODE steps. Training noises at exactly these sampler sigmas (§1.4).")
     solver: Literal["dpm2", "euler"] = option("dpm2", "Rollout solver (nftcore.sampling.SOLVERS).")
-    resolution: int = option(64, "Square edge of source and edited images in pixels (center crop); the sigma shift "
-                                 "keys on (resolution / 16)² target tokens.")
+    resolution: int = option(16, "Square edge of source and edited images in pixels (center crop); the sigma shift "
+                                 "keys on (resolution / 16)² target tokens. The demo policy works at its own size "
+                                 "(16 px).")
     guidance_scale: float | None = option(
         None, "Distilled-guidance value fed to FLUX.1-Kontext's guidance embedding (2.5 in Edit-R1); none for models "
               "without one.")
@@ -137,7 +139,7 @@ class SamplingConfig:
 class NFTConfig:
     """The DiffusionNFT objective, reward normalisation, and the two lagged copies of θ (ALGORITHM.md §1)."""
 
-    beta: float = option(1.0, "β, the NFT mixing strength: v⁺ = β·v_θ + (1−β)·v_old, v⁻ = (1+β)·v_old − β·v_θ. A "
+    beta: float = option(0.1, "β, the NFT mixing strength: v⁺ = β·v_θ + (1−β)·v_old, v⁻ = (1+β)·v_old − β·v_θ. A "
                               "smaller β takes a bigger step. Not the KL weight (the reference calls both 'beta').")
     kl_weight: float = option(1e-4, "λ_KL: weight of the velocity L2 to the frozen base model (the reference's "
                                     "train.beta); 0 also skips the base-model forward.")
@@ -215,7 +217,7 @@ class FilterConfig:
 class OptimConfig:
     """The optimizer step and numeric precision (ALGORITHM.md §1.7)."""
 
-    lr: float = option(3e-4, "AdamW learning rate, constant (the reference has no schedule).")
+    lr: float = option(3e-3, "AdamW learning rate, constant (the reference has no schedule).")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW (β1, β2), e.g. --optim.betas=0.9,0.999.")
     weight_decay: float = option(1e-4, "AdamW decoupled weight decay.")
     eps: float = option(1e-8, "AdamW ε.")
@@ -243,26 +245,40 @@ class ParallelConfig:
 
     backend: Literal["auto", "nccl", "gloo"] = option(
         "auto", "torch.distributed backend; 'auto' is nccl with CUDA, gloo without.")
-    shard_text_encoder: bool = option(True, "FSDP2-shard the frozen text encoder(s) over all ranks, as the reference "
-                                            "does, instead of replicating them.")
-    shard_transformer: bool = option(False, "FSDP2-shard the policy transformer per block instead of replicating it "
-                                            "(DDP); for 1024² or larger models (§11.10).")
+    shard_text_encoder: bool = option(False, "FSDP2-shard the frozen text encoder(s) over all ranks, as the reference "
+                                             "does, instead of replicating them. Not implemented yet: true is an "
+                                             "error on more than one rank (the demo's encoder is part of its tiny "
+                                             "policy and always replicated).")
+    shard_transformer: bool = option(True, "FSDP2-shard the policy transformer per block; false replicates it and "
+                                           "all-reduces the gradients (the reference's DDP). Sharding is for 1024² "
+                                           "or larger models (§11.10).")
     cpu_offload: bool = option(False, "Keep FSDP2-sharded parameters on the CPU between uses.")
+    replicate_degree: int = option(1, "HSDP: this many replicas of the sharded transformer, each sharded over "
+                                      "world_size / replicate_degree ranks (e.g. the node count, so parameters "
+                                      "are gathered inside a node and gradients all-reduced across nodes); 1 = one "
+                                      "FSDP2 group over all ranks.")
 
     def problems(self) -> list[str]:
-        return []
+        return _failed({
+            "parallel.cpu_offload needs parallel.shard_transformer (only FSDP2-sharded parameters are offloaded)":
+                self.shard_transformer or not self.cpu_offload,
+            f"parallel.replicate_degree must be >= 1, got {self.replicate_degree}": self.replicate_degree >= 1,
+            "parallel.replicate_degree > 1 (HSDP) needs parallel.shard_transformer":
+                self.shard_transformer or self.replicate_degree == 1,
+        })
 
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """Saving and resuming; checkpoints live under OUT/checkpoints/ (ALGORITHM.md §5.5)."""
 
-    save_every: int = option(2, "Save a checkpoint every N epochs; 0 saves none periodically.")
+    save_every: int = option(25, "Save a checkpoint every N epochs; 0 saves none periodically.")
     keep_latest: int = option(0, "Keep only the newest N checkpoints; 0 keeps all.")
     resume: str = option("", "'latest' (the newest under OUT/checkpoints/), a checkpoint folder, or empty to start "
                              "fresh. Also --resume.")
-    export_lora: bool = option(True, "With each checkpoint also write the EMA LoRA as safetensors in the diffusers and "
-                                     "PEFT layouts, ready for pipe.load_lora_weights.")
+    export_lora: bool = option(True, "With each checkpoint also write the EMA weights: a LoRA as safetensors in the "
+                                     "diffusers and PEFT layouts (lora_ema/, ready for pipe.load_lora_weights), full "
+                                     "fine-tuning as a diffusers transformer folder (ema/transformer/).")
 
     def problems(self) -> list[str]:
         return _failed({
@@ -276,11 +292,15 @@ class MetricsConfig:
     """What is logged where; OUT/metrics.jsonl is always written."""
 
     log_every: int = option(1, "Write a metrics line (OUT/metrics.jsonl and the console) every N optimizer steps.")
-    image_every: int = option(0, "Log a grid of rollout images every N epochs; 0 never.")
-    wandb: bool = option(False, "Also log to Weights & Biases (imported only when on).")
+    image_every: int = option(0, "Every N epochs save a grid of rank 0's rollouts (source | edit per row) to "
+                                 "OUT/images/ and the trackers; 0 never.")
+    wandb: bool = option(False, "Also log to Weights & Biases, run name run.name (imported only when on; needs "
+                                "`pip install wandb`).")
     wandb_project: str = option("nftcore", "Weights & Biases project.")
-    tensorboard: bool = option(False, "Also write TensorBoard event files under OUT/.")
-    progress: bool = option(True, "Show progress bars; turn off for non-TTY logs.")
+    tensorboard: bool = option(False, "Also write TensorBoard event files under OUT/tensorboard/ (needs "
+                                      "`pip install tensorboard`).")
+    progress: bool = option(True, "Show rollout/update progress: a line redrawn in place on a terminal, one line per "
+                                  "finished phase in a log file; false shows neither.")
 
     def problems(self) -> list[str]:
         return _failed({
@@ -293,10 +313,10 @@ class MetricsConfig:
 class EvalConfig:
     """Periodic evaluation of the EMA weights on the test split (ALGORITHM.md §5.3)."""
 
-    every: int = option(2, "Evaluate every N epochs; 0 never.")
+    every: int = option(20, "Evaluate every N epochs; 0 never.")
     num_steps: int = option(8, "ODE steps of the evaluation sampler.")
     solver: Literal["dpm2", "euler"] = option("euler", "Evaluation solver (nftcore.sampling.SOLVERS).")
-    batch_size: int = option(4, "Images per rank per evaluation call.")
+    batch_size: int = option(16, "Images per rank per evaluation call.")
     max_samples: int = option(0, "Evaluate on at most this many test samples; 0 uses all.")
 
     def problems(self) -> list[str]:
@@ -313,13 +333,19 @@ class DataConfig:
     """The editing dataset: (source image, instruction) pairs, train and test splits."""
 
     path: str = option("", "Dataset folder (the Edit-R1 layout); empty uses the embedded demo data.")
-    num_workers: int = option(0, "Data-loader worker processes per rank.")
+    num_workers: int = option(0, "Threads per rank that read the epoch's dataset rows (image decoding) before its "
+                                 "rollouts; 0 reads them in the rollout loop.")
     group_key: Literal["sample_id", "instruction"] = option(
         "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
-                     "instruction text alone as the reference does, which merges images that share one (§11.3).")
+                     "instruction text alone as the reference does, which merges images that share one (§11.3). "
+                     "Only 'sample_id' is implemented; 'instruction' is an error.")
 
     def problems(self) -> list[str]:
-        return _failed({f"data.num_workers must be ≥ 0, got {self.num_workers}": self.num_workers >= 0})
+        return _failed({
+            f"data.num_workers must be ≥ 0, got {self.num_workers}": self.num_workers >= 0,
+            "data.group_key='instruction' (the reference's keying) is not implemented yet; use 'sample_id'":
+                self.group_key == "sample_id",
+        })
 
 
 @dataclass(kw_only=True, slots=True)

@@ -5,8 +5,11 @@ It lets the whole Edit-R1 loop (pretrain, rollouts, reward, NFT update) run on a
 - `world`: scenes of coloured shapes, `render`, `random_task` (recolour / remove / move), `DemoDataset` (items
   shaped like the real dataset's, with `sample_id`, `prompt`, `requirement`), and the grammar-sized `tokenize`.
 - `verifier`: `verify(edited, tasks) -> [B]` in [0, 1], dense, against the ground-truth target.
+- `model`: `DemoPolicy`, the tiny pixel-patch FLUX MMDiT + text encoder the demo trains, and its shipped base
+  checkpoint (`DemoPolicy.from_pretrained()`); `pretrain` (`python -m nftcore.demo.pretrain`) makes that checkpoint.
 """
 
+from nftcore.demo.model import DemoConfig, DemoPolicy, DemoTextEncoder, pack_images, select_conditioning, unpack_images
 from nftcore.demo.verifier import score_components, verify, verify_images
 from nftcore.demo.world import (
     COLORS,
@@ -37,18 +40,24 @@ __all__ = [
     "PAD_ID",
     "SHAPES",
     "VOCAB",
+    "DemoConfig",
     "DemoDataset",
+    "DemoPolicy",
     "DemoSample",
+    "DemoTextEncoder",
     "EditTask",
     "Scene",
     "SceneObject",
     "detokenize",
+    "pack_images",
     "random_task",
     "render",
     "score_components",
+    "select_conditioning",
     "stack_images",
     "tokenize",
     "tokenize_batch",
+    "unpack_images",
     "verify",
     "verify_images",
 ]

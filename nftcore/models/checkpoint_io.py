@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -246,10 +247,10 @@ def _parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def diffusers_state_dict(model: "MMDiT"):
+def diffusers_state_dict(model: "MMDiT", params: Mapping[str, torch.Tensor] | None = None):
     """Yield (diffusers key, tensor view) pairs in key-map order; fused parameters come out as row slices (views,
-    no copy)."""
-    params = dict(model.named_parameters())
+    no copy). `params` (our names → full tensors, e.g. a gathered FSDP2 state dict) replaces the model's own."""
+    params = dict(model.named_parameters()) if params is None else params
     for ours, parts in key_map(model.config).items():
         value, row = params[ours].detach(), 0
         for theirs, rows in parts:
@@ -257,15 +258,17 @@ def diffusers_state_dict(model: "MMDiT"):
             row += rows
 
 
-def save_pretrained(model: "MMDiT", folder: str | Path, *, max_shard_size: int | str = "10GB") -> None:
+def save_pretrained(model: "MMDiT", folder: str | Path, *, max_shard_size: int | str = "10GB",
+                    params: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write `config.json` and the weights in diffusers' layout and names (QKV un-fused), sharded when the total
-    exceeds `max_shard_size` (diffusers' file names and index format). Tensors are moved to CPU one shard at a time."""
+    exceeds `max_shard_size` (diffusers' file names and index format). Tensors are moved to CPU one shard at a time.
+    `params`: the weights to write instead of the model's own (see `diffusers_state_dict`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     limit = _parse_size(max_shard_size)
     shards: list[list[tuple[str, torch.Tensor]]] = [[]]
     size = 0
-    for key, tensor in diffusers_state_dict(model):
+    for key, tensor in diffusers_state_dict(model, params):
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])

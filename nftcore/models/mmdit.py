@@ -125,11 +125,11 @@ class MMDiT(nn.Module):
         folder = Path(folder) / subfolder if subfolder else Path(folder)
         return load_pretrained(cls, folder, dtype=dtype, device=device)
 
-    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "10GB") -> None:
+    def save_pretrained(self, folder: str | Path, *, max_shard_size: int | str = "10GB", params=None) -> None:
         """Write the diffusers layout back (see `checkpoint_io.save_pretrained`)."""
         from .checkpoint_io import save_pretrained
 
-        save_pretrained(self, folder, max_shard_size=max_shard_size)
+        save_pretrained(self, folder, max_shard_size=max_shard_size, params=params)
 
     # -------------------------------------------------------------------------------------------------- forward
 

@@ -115,7 +115,9 @@ def calculate_mu(
 def exponential_time_shift(sigmas: torch.Tensor, mu: float) -> torch.Tensor:
     """``e^mu / (e^mu + (1/sigma - 1))``: larger ``mu`` keeps more steps at high noise. Maps 1 to 1 and 0 to 0."""
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    exp_mu = math.exp(mu)
+    # A tensor numerator: `float / tensor` multiplies by the reciprocal, which can map 1 to 1 - 2⁻⁵², and dpm2
+    # needs the grid to start at exactly 1.
+    exp_mu = torch.full_like(sigmas, math.exp(mu))
     return exp_mu / (exp_mu + (1.0 / sigmas - 1.0))
 
 

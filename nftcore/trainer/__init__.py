@@ -6,7 +6,8 @@
 
 Modules: `loop` (the epoch: rollouts → rewards → advantages/filter → update → old policy), `family` (what a model
 family provides, and the demo family), `distributed` (process group, FSDP2, collectives), `checkpoint` (DCP state
-and LoRA export), `metrics` (metrics.jsonl, console lines, the demo's plots).
+and LoRA export), `metrics` (metrics.jsonl, console lines, progress, the demo's plots), `perf` (FLOPs, MFU, peak
+memory), `trackers` (optional TensorBoard / wandb).
 """
 
 from nftcore.trainer.distributed import DistEnv, init_distributed, shutdown

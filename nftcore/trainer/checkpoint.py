@@ -8,6 +8,7 @@ Layout, under OUT/checkpoints/ (STYLE.md §8.14):
         config.toml           the effective config (`config_to_toml`)
         lora_ema/peft/        EMA weights as a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)
         lora_ema/diffusers/   EMA weights for `pipe.load_lora_weights` (pytorch_lora_weights.safetensors)
+        ema/transformer/      instead of lora_ema/ for full fine-tuning: the EMA transformer in diffusers' layout
         COMPLETE              written last, after every rank finished: a folder without it is ignored
 
 Why epoch boundaries only: every random draw of an epoch (prompts, rollout noise, timesteps, training noise) is seeded
@@ -89,7 +90,8 @@ def save_checkpoint(root: str | Path, epoch: int, *, weights, optimizer, ema,
                     export=None) -> Path:
     """Write checkpoint `epoch-{epoch}` (all ranks call this), then prune to the newest `keep_latest` (0: keep all).
 
-    `export(path)` runs on rank 0 with the EMA weights swapped in (the caller supplies it) to write the LoRA files.
+    `export(path)` runs on every rank with the EMA weights swapped in (the caller supplies it; rank 0 writes the
+    LoRA or transformer files).
     """
     path = Path(root) / checkpoint_name(epoch)
     if env.is_main:

@@ -12,6 +12,12 @@ Gradient reduction: FSDP2 *averages* gradients over ranks. The trainer normalise
 number of trained (sample, timestep) pairs and multiplies it by world_size (`loss_scale_for_reduction`), so the
 averaged gradient is the global sum divided by the global count, whatever the split of samples over ranks.
 
+With `parallel.shard_transformer = false` the model is replicated instead (the reference's DDP) and
+`average_gradients` all-reduces the trainable gradients once per optimizer step, with the same averaging, so the
+two modes compute the same update. Not DDP itself: the loop runs three forwards (θ, θ_old, reference) through one
+module per backward, which DDP's reducer does not expect, and one flat all-reduce per step of LoRA-sized gradients
+leaves nothing to overlap.
+
 Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without it gloo aborts at exit now and then
 (ENVIRONMENT.md §5).
 """
@@ -79,16 +85,18 @@ def shutdown(env: DistEnv) -> None:
 
 
 def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
-    """FSDP2: `fully_shard` every block of `model.blocks` (the MMDiT's double then single blocks), then the root.
+    """FSDP2: `fully_shard` every block of `model.blocks` (the MMDiT's double then single blocks), then the root;
+    HSDP when `parallel.replicate_degree` > 1.
 
-    The last block keeps its parameters gathered after forward (its backward comes right next). No-op on one rank.
+    The last block keeps its parameters gathered after forward (its backward comes right next). No-op on one rank,
+    and with `parallel.shard_transformer = false` (replicated; see `average_gradients`).
     """
-    if env.world_size == 1:
+    if env.world_size == 1 or not cfg.parallel.shard_transformer:
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    mesh = _mesh(env, cfg.parallel.replicate_degree, init_device_mesh)
     if env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -101,6 +109,34 @@ def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Mo
         fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def _mesh(env: DistEnv, replicas: int, init_device_mesh):
+    """1-D mesh over all ranks (FSDP), or (replicate, shard) for HSDP: `fully_shard` on a 2-D mesh shards along the
+    second dim and all-reduces gradients along the first."""
+    if replicas == 1:
+        return init_device_mesh(env.device.type, (env.world_size,))
+    if env.world_size % replicas:
+        raise ValueError(f"parallel.replicate_degree={replicas} does not divide the world size {env.world_size}")
+    return init_device_mesh(env.device.type, (replicas, env.world_size // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def average_gradients(params: list[nn.Parameter], env: DistEnv) -> None:
+    """Replace each gradient by its mean over ranks (replicated training), in one flat all-reduce. Every rank runs
+    the same graph (padding micro-batches included), so the same parameters have gradients everywhere."""
+    if env.world_size == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads]).to(env.device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= env.world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def loss_scale_for_reduction(env: DistEnv) -> float:

@@ -20,8 +20,8 @@ provides exactly that:
     family.default_reward()                 the in-process reward of the family ('demo' backend), or None
     family.target_images(samples)           ground truth for the before/after grid, or None
 
-The real families (FLUX.1-Kontext, Qwen-Image-Edit: VAE + text encoders around `nftcore.models.MMDiT`) are not
-wired yet; `build_family` says so instead of failing somewhere deep.
+`build_family` gives the demo family below for model.family = 'demo', and `edit_family.EditFamily` (FLUX.1-Kontext,
+Qwen-Image-Edit: VAE + text encoders around `nftcore.models.MMDiT`, the Edit-R1 dataset) for 'flux' / 'qwen_image'.
 
 Also here: `build_reward` (the config's reward backend as one callable) and the trainable-weights strategies, which
 give the loop θ, θ_old and the reference as velocity functions plus the tensors to optimise, average and save:
@@ -31,7 +31,6 @@ give the loop θ, θ_old and the reference as velocity functions plus the tensor
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -40,9 +39,10 @@ from torch import nn
 
 from nftcore.config import TrainConfig
 from nftcore.reward.base import RewardResult
+from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
 
 DEMO_TRAIN_TASKS = 256  # enough distinct (scene, instruction) pairs that G = 8 groups per epoch rarely repeat
-DEMO_EVAL_TASKS = 16
+DEMO_EVAL_TASKS = 64  # eval rewards spread ≈ 0.25 per task: 16 tasks left ±0.06 of sampling noise on the mean
 DEMO_DATA_SEED = 0  # the task set is part of the demo, not of the run: changing --run.seed must not change it
 DEMO_EVAL_SEED = 1
 
@@ -79,10 +79,6 @@ class PolicyFamily(Protocol):
     def target_images(self, samples: Sequence[Any]) -> torch.Tensor | None: ...
 
 
-# The FluxEditConditioning fields that carry a batch dimension (the ids are shared by every sample).
-_FLUX_BATCH_FIELDS = ("prompt_embeds", "pooled_prompt_embeds", "source_latents")
-
-
 class DemoReward:
     """The demo's programmatic judge as a reward callable: `nftcore.demo.verify` against the exact target.
 
@@ -110,6 +106,7 @@ class DemoFamily:
         from nftcore.demo import DemoDataset
         from nftcore.demo.model import DemoPolicy, default_transformer_config
 
+        _reject_for_demo(cfg)
         path = cfg.model.path
         kind, _, seed = path.partition(":")
         if kind in ("random", "tiny"):
@@ -123,6 +120,8 @@ class DemoFamily:
         else:
             self.policy = DemoPolicy.from_pretrained(path or None)
         self.policy.to(device).requires_grad_(False)
+        # model.dtype: the frozen base transformer's storage; the tiny text encoder stays fp32 (it runs once per sample)
+        self.policy.transformer.to(_DTYPES[cfg.model.dtype])
         self.device = device
         size = self.policy.demo.image_size
         if cfg.sampling.resolution != size:
@@ -146,15 +145,10 @@ class DemoFamily:
             return self.policy.conditioning(self.source_images(samples), [s.prompt for s in samples])
 
     def index_conditioning(self, cond, index: torch.Tensor):
-        changes = {name: getattr(cond, name)[index.to(getattr(cond, name).device)] for name in _FLUX_BATCH_FIELDS
-                   if getattr(cond, name) is not None}
-        return dataclasses.replace(cond, **changes)
+        return index_conditioning(cond, index)
 
     def cat_conditioning(self, conds):
-        first = conds[0]
-        changes = {name: torch.cat([getattr(c, name) for c in conds]) for name in _FLUX_BATCH_FIELDS
-                   if getattr(first, name) is not None}
-        return dataclasses.replace(first, **changes)
+        return cat_conditioning(conds)
 
     def velocity_fn(self, cond, transformer: nn.Module | None = None):
         from nftcore.models import edit_velocity_fn
@@ -181,13 +175,33 @@ class DemoFamily:
         return DemoReward()
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _reject_for_demo(cfg: TrainConfig) -> None:
+    """Settings the demo family cannot honour: an error naming the key rather than a silently ignored value."""
+    s = cfg.sampling
+    problems = [message for message, bad in (
+        (f"sampling.guidance_scale={s.guidance_scale}: the demo policy has no guidance embedding; leave it unset",
+         s.guidance_scale is not None),
+        (f"sampling.true_cfg_scale={s.true_cfg_scale}: the demo policy has no unconditional branch; use 1.0",
+         s.true_cfg_scale != 1.0),
+        (f"data.path={cfg.data.path!r}: the demo family trains on its embedded world; a dataset folder needs the "
+         "flux or qwen_image family", bool(cfg.data.path)),
+    ) if bad]
+    if problems:
+        raise ValueError("model.family='demo' cannot honour:\n  - " + "\n  - ".join(problems))
+
+
 def build_family(cfg: TrainConfig, device: torch.device) -> PolicyFamily:
     """The policy family named by `cfg.model.family`."""
     if cfg.model.family == "demo":
         return DemoFamily(cfg, device)
-    raise NotImplementedError(
-        f"model.family={cfg.model.family!r}: the {cfg.model.family} family (VAE, text encoders and the pretrained "
-        "MMDiT loader around nftcore.models) is not wired into the trainer yet; only 'demo' runs today")
+    if cfg.model.family in ("flux", "qwen_image"):
+        from nftcore.trainer.edit_family import EditFamily
+
+        return EditFamily(cfg, device)
+    raise ValueError(f"unknown model.family {cfg.model.family!r}; expected 'demo', 'flux' or 'qwen_image'")
 
 
 def build_reward(cfg: TrainConfig, family: PolicyFamily) -> Callable[..., RewardResult]:
@@ -302,6 +316,7 @@ class FullWeights:
 
     def state(self, which: str) -> dict[str, torch.Tensor]:
         model = self.model if which == "default" else self.old
+        _reshard(model)
         return dict(model.named_parameters())
 
     def velocity(self, cond, which: str):
@@ -315,7 +330,31 @@ class FullWeights:
                 **{f"old.{k}": v for k, v in self.old.state_dict().items()}}
 
     def export(self, directory) -> None:
-        """Full weights are checkpointed by DCP; a diffusers-format export of them is not written yet."""
+        """θ (with whatever weights are loaded, e.g. the EMA swapped in) as a diffusers transformer folder,
+        `directory/transformer` (`FluxTransformer2DModel.from_pretrained`). Gathering FSDP2 shards is a collective:
+        every rank calls this, and only rank 0 receives the full weights and writes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options) if _sharded(self.model) else dict(
+            self.model.named_parameters())
+        if state:
+            self.model.save_pretrained(directory / "transformer", params=state)
+
+
+def _sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
+
+
+def _reshard(model: nn.Module) -> None:
+    """Put FSDP2 modules back to their sharded parameters. A copy that only runs no-grad forwards (θ_old, the
+    reference) keeps its last block gathered (`reshard_after_forward=False`), and a gathered block's parameters are
+    plain tensors that cannot be paired with θ's DTensors."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def build_weights(family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator,

@@ -48,6 +48,7 @@ from nftcore.trainer.distributed import (
     all_gather_cat,
     all_reduce_max,
     all_reduce_sum,
+    average_gradients,
     barrier,
     init_distributed,
     loss_scale_for_reduction,
@@ -55,9 +56,13 @@ from nftcore.trainer.distributed import (
 )
 from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights
 from nftcore.trainer.metrics import MetricsLogger
+from nftcore.trainer.perf import FlopCounter, peak_memory_gb, reset_peak_memory, throughput
+from nftcore.trainer.trackers import build_trackers
 
 MAX_NAN_STEPS = 3
 """Non-finite steps in a row before the run stops: one is a fluke worth skipping, several mean diverged weights."""
+IMAGE_ROWS = 16
+"""Rollouts (from whole rollout batches) in a `metrics.image_every` grid: enough to judge, small enough to look at."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-sample random draws (see the module docstring)
@@ -114,6 +119,11 @@ class Trainer:
         self.cfg = cfg
         self.env = env or init_distributed(cfg)
         self.plan = batch_plan(cfg, self.env.world_size)
+        if cfg.parallel.shard_text_encoder and self.env.world_size > 1:
+            raise NotImplementedError("parallel.shard_text_encoder=true: no family shards its text encoder yet; run "
+                                      "with --parallel.shard_text_encoder=false (replicated)")
+        if self.env.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
         torch.manual_seed(cfg.run.seed)
         self.family = family or build_family(cfg, self.env.device)
         self.reward_fn = reward_fn or build_reward(cfg, self.family)
@@ -138,7 +148,9 @@ class Trainer:
         self.step = self.epoch = 0
         self.nan_in_a_row = self.nan_skipped = 0
         self.metrics = MetricsLogger(cfg.run.metrics_path, enabled=self.env.is_main, log_every=cfg.metrics.log_every,
-                                     echo=echo)
+                                     echo=echo, trackers=build_trackers(cfg) if self.env.is_main else [],
+                                     progress=cfg.metrics.progress)
+        self.flops = FlopCounter(self.weights.models())
         self.epoch_rewards: list[float] = []
         self._stop_requested = False
 
@@ -176,6 +188,7 @@ class Trainer:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+            self.metrics.close()
         return {"epoch": self.epoch, "step": self.step, "epoch_rewards": self.epoch_rewards,
                 "eval_rewards": self.eval_rewards,
                 "nan_skipped": self.nan_skipped}
@@ -194,12 +207,16 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> None:
         cfg, env = self.cfg, self.env
+        reset_peak_memory(env.device)
+        self.flops.take()  # drop whatever ran since (an evaluation)
         t0 = time.perf_counter()
         rollouts, reward_time = self.rollout(epoch)
         t1 = time.perf_counter()
         stats = self.advantages(epoch, rollouts)
         self.epoch_rewards.append(stats["reward_mean"])
         times = {"time_rollout": t1 - t0 - reward_time, "time_reward_wait": reward_time}
+        rollout = throughput(self.flops.take(), times["time_rollout"], env.device)
+        times.update(rollout_tflops=rollout["tflops"], rollout_mfu=rollout["mfu"])
         self.train_epoch(epoch, rollouts, stats, times)
         eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
         every = cfg.eval.every
@@ -240,24 +257,49 @@ class Trainer:
         self._groups = groups
         n = self.plan.samples_per_rank
         mine = list(range(env.rank * n, (env.rank + 1) * n))
-        latents, conds, futures = [], [], []
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward") as pool:
+        latents, conds, futures, shown = [], [], [], []
+        every = cfg.metrics.image_every
+        show = env.is_main and every > 0 and (epoch + 1) % every == 0
+        with contextlib.ExitStack() as stack:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
+            row = self._row_reader([groups[g // k] for g in mine], stack)
+            bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", math.ceil(n / bsz)))
             for start in range(0, n, bsz):
                 indices = mine[start:start + bsz]
-                samples = [fam.train_dataset[groups[g // k]] for g in indices]
+                samples = [row(groups[g // k]) for g in indices]
                 cond = fam.conditioning(samples)
                 noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
                 with self.autocast():
                     x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
-                futures.append(pool.submit(self._score, fam.decode(x0).cpu(), samples))
+                edited = fam.decode(x0).cpu()
+                futures.append(pool.submit(self._score, edited, samples))
+                if show and sum(len(e) for _, e in shown) < IMAGE_ROWS:
+                    shown.append((fam.source_images(samples).cpu(), edited))
                 latents.append(x0)
                 conds.append(cond)
+                bar.advance()
             waited = time.perf_counter()
             results = [f.result() for f in futures]
             waited = time.perf_counter() - waited
+        if shown:
+            self.metrics.log_images("rollouts", self.step, Path(cfg.run.out) / "images" / f"epoch-{epoch:06d}.png",
+                                    torch.cat([s for s, _ in shown]), torch.cat([e for _, e in shown]))
         scores = torch.cat([r.scores.float() for r in results])
         valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results])
         return Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid), waited
+
+    def _row_reader(self, rows: list[int], stack: contextlib.ExitStack) -> Callable[[int], Any]:
+        """`read(i)` for the train dataset's rows `rows`. With data.num_workers > 0 every distinct row is submitted
+        now to that many threads, so image decoding overlaps the rollouts and a group's K samples share one read;
+        with 0 rows are read on demand."""
+        dataset, workers = self.family.train_dataset, self.cfg.data.num_workers
+        if workers == 0:
+            return dataset.__getitem__
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data"))
+        pending = {i: pool.submit(dataset.__getitem__, i) for i in dict.fromkeys(rows)}
+        return lambda i: pending[i].result()
 
     def _score(self, edited: torch.Tensor, samples: list) -> Any:
         fam = self.family
@@ -305,20 +347,25 @@ class Trainer:
         survivors = torch.nonzero(stats["train"]).flatten()
         survivors = survivors[torch.randperm(survivors.numel(), generator=_generator(cfg.run.seed, epoch, "order"))]
         chunks = torch.tensor_split(survivors, cfg.optim.steps_per_epoch)
-        for chunk in chunks:
-            if chunk.numel() == 0:
-                self.metrics.info(f"epoch {epoch}: no surviving samples for an optimizer step; step skipped")
-                continue
-            t0 = time.perf_counter()
-            sums = self.accumulate(epoch, rollouts, stats["r"], chunk.tolist())
-            row = self.optimizer_step(sums)
-            dt = time.perf_counter() - t0
-            row = {"epoch": epoch, "step": self.step, **row, "reward_mean": stats["reward_mean"],
-                   "reward_std": stats["reward_std"], "filtered_fraction": stats["filtered_fraction"],
-                   "invalid_rewards": stats["invalid_rewards"], "dropped_groups": stats["dropped_groups"],
-                   "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
-                   "samples_per_s": chunk.numel() / dt, **times, "time_train": dt}
-            self.metrics.log_step(row)
+        with self.metrics.progress(f"epoch {epoch} update", len(chunks)) as bar:
+            for chunk in chunks:
+                if chunk.numel() == 0:
+                    self.metrics.info(f"epoch {epoch}: no surviving samples for an optimizer step; step skipped")
+                    bar.advance()
+                    continue
+                self.flops.take()
+                t0 = time.perf_counter()
+                sums = self.accumulate(epoch, rollouts, stats["r"], chunk.tolist())
+                row = self.optimizer_step(sums)
+                dt = time.perf_counter() - t0
+                row = {"epoch": epoch, "step": self.step, **row, "reward_mean": stats["reward_mean"],
+                       "reward_std": stats["reward_std"], "filtered_fraction": stats["filtered_fraction"],
+                       "invalid_rewards": stats["invalid_rewards"], "dropped_groups": stats["dropped_groups"],
+                       "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
+                       "samples_per_s": chunk.numel() / dt, **throughput(self.flops.take(), dt, env.device),
+                       **times, "time_train": dt, "peak_memory_gb": peak_memory_gb(env.device)}
+                self.metrics.log_step(row)
+                bar.advance()
 
     def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> torch.Tensor:
         """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms."""
@@ -378,6 +425,8 @@ class Trainer:
     def optimizer_step(self, sums: torch.Tensor) -> dict[str, Any]:
         """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient."""
         loss, policy, kl, deviate, x0_norm = sums.tolist()
+        if not self.cfg.parallel.shard_transformer:
+            average_gradients(self.params, self.env)  # replicated: what FSDP2's reduce-scatter does otherwise
         max_norm = self.cfg.optim.max_grad_norm
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm if max_norm > 0 else float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -458,11 +507,13 @@ class Trainer:
         return path
 
     def _export_lora(self, path: Path) -> None:
-        """EMA weights as PEFT and diffusers LoRA files. Gathering a sharded adapter is a collective, so every rank
-        writes; ranks other than 0 write to a scratch folder that is removed."""
+        """EMA weights as PEFT and diffusers LoRA files (lora_ema/), or a diffusers transformer folder for full
+        fine-tuning (ema/transformer/). Gathering sharded weights is a collective, so every rank exports; ranks other
+        than 0 write to a scratch folder that is removed."""
         import shutil
 
-        out = path / "lora_ema" if self.env.is_main else path / f".scratch-rank{self.env.rank}"
+        name = "lora_ema" if self.weights.kind == "lora" else "ema"
+        out = path / name if self.env.is_main else path / f".scratch-rank{self.env.rank}"
         with self.ema.swapped(self.weights.state("default")):
             self.weights.export(out)
         if not self.env.is_main:

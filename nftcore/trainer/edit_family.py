@@ -1,0 +1,155 @@
+"""The real editing families as a `PolicyFamily` (see `family.py`): FLUX.1-Kontext (model.family = 'flux') and
+Qwen-Image-Edit / -2509 Plus ('qwen_image'), on the Edit-R1 dataset at `data.path`.
+
+The frozen parts and the policy `MMDiT` come from `nftcore.models.families` (loaded from the local diffusers
+pipeline folder `model.path`, in `model.dtype`, all frozen: only the LoRA adapters the trainer adds are trained).
+What the trainer fixes that the pipelines leave open is Edit-R1's training set-up (ALGORITHM.md §2, §6, §10):
+
+- Square images. The dataset centre-crops sources to `sampling.resolution`; the edit is that size too, and the source
+  enters the VAE at that size (Kontext without its preferred-resolution resize, Qwen with VAE area = resolution²),
+  so at 512² both families see 1024 target + 1024 source tokens. One token grid for the whole run, hence one sigma
+  grid: the pipeline's scheduler shift at the target's token count.
+- Text lengths: T5 padded to 128 tokens (Kontext), at most 256 post-template tokens (Qwen), Edit-R1's values.
+- Guidance: Kontext's distilled guidance embedding gets `sampling.guidance_scale` in rollouts and training forwards
+  alike (2.5 in Edit-R1). True CFG (a negative-prompt branch) is not implemented: Edit-R1 trains without it.
+- The Qwen variant (Edit or -2509 Plus) is the one the folder's model_index.json names.
+
+The judge sees the dataset's square source and the decoded edit ([0, 1] tensors), with the row's `requirement`.
+The real families have no built-in reward (`reward.backend` 'local' or 'server').
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nftcore.config import TrainConfig
+from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
+
+KONTEXT_T5_TOKENS = 128  # Edit-R1's max_sequence_length for Kontext (the pipeline default is 512)
+QWEN_TEXT_TOKENS = 256  # Edit-R1's truncation of the Qwen2.5-VL hidden states after the template drop
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pipeline_folder(path: str) -> Path:
+    """`model.path` as a local folder: the folder itself, or a Hugging Face id already in the local cache. Nothing is
+    downloaded here: a 12B/20B download should not start silently on every rank of a training run."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - not installed, not an id, not cached: one answer for all
+        raise FileNotFoundError(
+            f"model.path={path!r} is neither a local pipeline folder nor a Hugging Face id in the local cache "
+            f"({type(err).__name__}); download it first (e.g. `hf download {path} --local-dir DIR`) and pass "
+            "--model.path=DIR") from None
+
+
+def _check_pipeline(cfg: TrainConfig, folder: Path) -> None:
+    """Config and checkpoint must agree (family, guidance) before minutes of loading; errors name the config key."""
+    from nftcore.models.checkpoint_io import read_config
+
+    s = cfg.sampling
+    if s.true_cfg_scale != 1.0:
+        raise NotImplementedError(f"sampling.true_cfg_scale = {s.true_cfg_scale}: rollouts with true CFG (a "
+                                  "negative-prompt branch) are not implemented; Edit-R1 trains at 1.0")
+    arch = read_config(folder / "transformer")
+    if arch.family != cfg.model.family:
+        raise ValueError(f"{folder}: its transformer is a {arch.family!r} model, but model.family = "
+                         f"{cfg.model.family!r}")
+    if arch.family == "flux" and arch.guidance_embeds and s.guidance_scale is None:
+        raise ValueError(f"{folder}: this FLUX transformer has a guidance embedding; set sampling.guidance_scale "
+                         "(Edit-R1 trains Kontext at 2.5, the pipeline default is 3.5)")
+    if arch.family == "flux" and not arch.guidance_embeds and s.guidance_scale is not None:
+        raise ValueError(f"{folder}: this FLUX transformer has no guidance embedding; set sampling.guidance_scale "
+                         f"to none (got {s.guidance_scale})")
+
+
+def _datasets(cfg: TrainConfig):
+    """(train, eval) Edit-R1 splits at the run's resolution; eval is None without test_metadata.jsonl, which is an
+    error only when evaluation is on."""
+    from nftcore.data import EditDataset
+
+    if not cfg.data.path:
+        raise ValueError(f"data.path must name the Edit-R1 dataset folder for model.family={cfg.model.family!r}")
+    root = Path(cfg.data.path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.path={cfg.data.path!r} is not a folder (expected images/ and "
+                                "train_metadata.jsonl, test_metadata.jsonl)")
+    train = EditDataset(root, "train", resolution=cfg.sampling.resolution)
+    if not (root / "test_metadata.jsonl").is_file():
+        if cfg.eval.every > 0:
+            raise FileNotFoundError(f"{root / 'test_metadata.jsonl'} is missing but eval.every = {cfg.eval.every}; "
+                                    "add the test split or set --eval.every=0")
+        return train, None
+    return train, EditDataset(root, "test", resolution=cfg.sampling.resolution)
+
+
+class EditFamily:
+    """FLUX.1-Kontext or Qwen-Image-Edit(-2509) around the policy `MMDiT`; `self.model` is the
+    `nftcore.models.families` object (frozen encoders, VAE, schedule)."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        from nftcore.models.families import KontextFamily, QwenImageEditFamily
+
+        folder = pipeline_folder(cfg.model.path)
+        dtype, size = DTYPES[cfg.model.dtype], cfg.sampling.resolution
+        _check_pipeline(cfg, folder)  # before the weights: a bad config or dataset fails fast
+        self.train_dataset, self.eval_dataset = _datasets(cfg)
+        if cfg.model.family == "flux":
+            self.model = KontextFamily.from_pretrained(folder, dtype=dtype, device=device, auto_resize=False,
+                                                       max_sequence_length=KONTEXT_T5_TOKENS,
+                                                       guidance=cfg.sampling.guidance_scale)
+        else:
+            self.model = QwenImageEditFamily.from_pretrained(folder, dtype=dtype, device=device, vae_area=size * size,
+                                                             max_sequence_length=QWEN_TEXT_TOKENS)
+        self.transformer = self.model.transformer.requires_grad_(False)
+        self.size = size
+        self.grid = self.model.target_grid(size, size)  # (rows, cols) of target tokens
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.grid[0] * self.grid[1], self.transformer.config.in_channels
+
+    def conditioning(self, samples):
+        with torch.no_grad():
+            return self.model.conditioning([s.image for s in samples], [s.prompt for s in samples],
+                                           height=self.size, width=self.size)
+
+    def index_conditioning(self, cond, index: torch.Tensor):
+        return index_conditioning(cond, index)
+
+    def cat_conditioning(self, conds):
+        return cat_conditioning(conds)
+
+    def velocity_fn(self, cond, transformer: nn.Module | None = None):
+        from nftcore.models import edit_velocity_fn
+
+        return edit_velocity_fn(transformer if transformer is not None else self.transformer, cond)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        return self.model.sigmas(num_steps, self.grid)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(latents, self.grid)
+
+    def source_images(self, samples) -> torch.Tensor:
+        from nftcore.data import to_tensor
+
+        return torch.stack([to_tensor(s.image) for s in samples])
+
+    def reward_metadata(self, sample) -> dict[str, Any]:
+        return {**sample.metadata, "prompt": sample.prompt, "requirement": sample.requirement,
+                "sample_id": sample.sample_id}
+
+    def default_reward(self):
+        return None
+
+    def target_images(self, samples):
+        return None

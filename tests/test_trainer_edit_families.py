@@ -1,0 +1,231 @@
+"""The trainer on the real editing families: tiny random FLUX.1-Kontext and Qwen-Image-Edit(-2509) pipelines built
+offline, a tiny Edit-R1 dataset folder, one epoch each, judged by a tiny random Qwen2.5-VL in process ('local') or
+over HTTP on loopback ('server').
+
+Every run: 32 px, K = 2, G = 2, 2 dpm2 steps, one optimizer step, one thread. The judge is random, so its scores mean
+nothing; what is checked is that they are the judge's own (a fresh scoring of the same images gives the same
+numbers, and they differ between edits), that the loss is finite and the LoRA moves, and that a dead judge drops
+its group or stops the run with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from nftcore.config import load_config
+from nftcore.models import edit_velocity_fn
+from nftcore.reward import MLLMReward
+from nftcore.reward.server import RewardServer
+from nftcore.trainer import Trainer, build_family, read_metrics
+from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
+from tests.reward_fixtures import random_image, tiny_judge_folder, tiny_scorer
+
+pytest.importorskip("diffusers")
+
+PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the sofa and keep everything else"]
+DEAD_PROMPT = "turn the photo into a watercolor painting"  # the judge crashes on any batch holding it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def kontext_folder(tmp_path_factory):
+    return build_kontext_pipeline(tmp_path_factory.mktemp("kontext"))
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit"))
+
+
+@pytest.fixture(scope="module")
+def qwen_plus_folder(tmp_path_factory):
+    return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit-plus"), "QwenImageEditPlusPipeline")
+
+
+def write_dataset(root, prompts):
+    """The Edit-R1 layout: images/ (non-square, so the centre crop runs), train and test metadata."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        random_image(rng, 48 + 8 * i, 40).save(root / "images" / f"{i}.png")
+        rows.append({"prompt": prompt, "image": f"images/{i}.png", "requirement": f"requirement {i}"})
+    (root / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "test_metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    return root
+
+
+def edit_args(tmp_path, folder, family, prompts=PROMPTS[:2], **overrides) -> list[str]:
+    options = {
+        "run.out": tmp_path / "out", "run.epochs": 1, "run.seed": 3, "model.family": family, "model.path": folder,
+        "model.dtype": "fp32", "data.path": write_dataset(tmp_path / "data", prompts), "sampling.resolution": 32,
+        "sampling.group_size": 2, "sampling.groups_per_epoch": 2, "sampling.batch_size": 2, "sampling.num_steps": 2,
+        "optim.steps_per_epoch": 1, "lora.rank": 2, "lora.alpha": 4.0, "filter.rule": "none", "eval.every": 0,
+        "metrics.progress": False, "reward.max_retries": 0, "reward.timeout_s": 60.0,
+    }
+    if family == "flux":
+        options["sampling.guidance_scale"] = 2.5
+    options.update(overrides)
+    return [f"--{k}={v}" for k, v in options.items()]
+
+
+class Recorder:
+    """Passes every reward call through and keeps (edited, sources, prompts, metadata, result)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __call__(self, edited, sources, prompts, metadata):
+        result = self.inner(edited, sources, prompts, metadata)
+        self.calls.append((edited, sources, list(prompts), list(metadata), result))
+        return result
+
+
+def train_one_epoch(args):
+    """(trainer, metrics rows, the recorded reward calls, LoRA tensors before training)."""
+    trainer = Trainer(load_config(args), echo=False)
+    trainer.reward_fn = recorder = Recorder(trainer.reward_fn)
+    before = {k: v.detach().clone() for k, v in trainer.weights.state("default").items()}
+    trainer.train()
+    rows = read_metrics(trainer.cfg.run.metrics_path)
+    return trainer, rows, recorder.calls, before
+
+
+def check_trained(trainer, rows, before, *, samples):
+    assert len(rows) == 1 and rows[0]["step"] == 1 and rows[0]["epoch"] == 0
+    row = rows[0]
+    assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["trained_samples"] == samples
+    after = trainer.weights.state("default")
+    assert all(torch.isfinite(v).all() for v in after.values())
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("lora_B" in k for k in moved), "no LoRA B matrix moved off its zero init"
+    # only the adapters train: the base transformer, the VAE and the text encoders stay frozen
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "lora_" not in n)
+    frozen = [m for m in vars(trainer.family.model).values()
+              if isinstance(m, torch.nn.Module) and m is not trainer.model]
+    assert len(frozen) >= 2 and not any(p.requires_grad for m in frozen for p in m.parameters())
+
+
+def check_real_rewards(calls, rows, dataset, judge):
+    """The scores are the judge's (`judge`, re-run on the very images, agrees) and they vary."""
+    scores = torch.cat([result.scores for *_, result in calls])
+    assert len(calls) == 2 and bool(torch.isfinite(scores).all()) and ((scores > 0) & (scores < 1)).all()
+    assert scores.unique().numel() == scores.numel(), f"a constant-looking reward: {scores.tolist()}"
+    assert rows[0]["reward_mean"] == pytest.approx(scores.double().mean().item(), abs=1e-6)
+    for edited, sources, prompts, metadata, result in calls:
+        assert edited.shape == sources.shape == (2, 3, 32, 32) and 0 <= edited.min() and edited.max() <= 1
+        assert not torch.equal(edited[0], edited[1])  # a group's K edits come from different noise
+        row = dataset.records[dataset.sample_ids.index(metadata[0]["sample_id"])]
+        assert prompts == [row.prompt] * 2 and [m["requirement"] for m in metadata] == [row.requirement] * 2
+        assert torch.allclose(judge(edited, sources, prompts, metadata).scores, result.scores, atol=1e-6)
+
+
+def test_kontext_one_epoch_with_the_local_mllm_judge(tmp_path, kontext_folder):
+    args = edit_args(tmp_path, kontext_folder, "flux",
+                     **{"reward.backend": "local", "reward.model": tiny_judge_folder()})
+    trainer, rows, calls, before = train_one_epoch(args)
+    judge = trainer.reward_fn.inner  # the scorer build_reward loaded from reward.model
+    assert isinstance(judge, MLLMReward)
+    check_trained(trainer, rows, before, samples=4)
+    check_real_rewards(calls, rows, trainer.family.train_dataset, judge)
+    assert rows[0]["invalid_rewards"] == 0 and rows[0]["dropped_groups"] == 0
+    assert (tmp_path / "out" / "checkpoints" / "epoch-000001" / "lora_ema" / "diffusers"
+            / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_qwen_edit_one_epoch_with_the_http_judge(tmp_path, qwen_folder):
+    with RewardServer(tiny_scorer(), port=0, batch_wait_ms=0) as server:
+        trainer, rows, calls, before = train_one_epoch(
+            edit_args(tmp_path, qwen_folder, "qwen_image", **{"reward.backend": "server",
+                                                              "reward.server_url": server.url}))
+        assert server.worker.samples == 4
+    assert trainer.family.model.variant == "edit"
+    check_trained(trainer, rows, before, samples=4)
+    check_real_rewards(calls, rows, trainer.family.train_dataset, MLLMReward(tiny_scorer()))  # the server's judge
+
+
+class PartlyDeadScorer:
+    """The tiny judge, except that it crashes on any batch holding DEAD_PROMPT (the server answers 500)."""
+
+    def score(self, edited, sources, prompts, requirements):
+        if DEAD_PROMPT in prompts:
+            raise RuntimeError("the judge crashed")
+        return tiny_scorer().score(edited, sources, prompts, requirements)
+
+
+def test_qwen_plus_dead_judge_drops_its_group(tmp_path, qwen_plus_folder):
+    # Two rows, G = 2: both are drawn; batch_size = K, so each group is one request and only DEAD_PROMPT's fails.
+    with RewardServer(PartlyDeadScorer(), port=0, batch_wait_ms=0) as server:
+        trainer, rows, calls, before = train_one_epoch(
+            edit_args(tmp_path, qwen_plus_folder, "qwen_image", [PROMPTS[0], DEAD_PROMPT],
+                      **{"reward.backend": "server", "reward.server_url": server.url}))
+    assert trainer.family.model.variant == "plus"
+    assert rows[0]["invalid_rewards"] == 2 and rows[0]["dropped_groups"] == 1
+    check_trained(trainer, rows, before, samples=2)  # only the judged group trains
+    dead = [result for _, _, prompts, _, result in calls if DEAD_PROMPT in prompts]
+    assert len(dead) == 1 and not dead[0].valid.any() and "HTTP 500" in dead[0].errors[0]
+
+
+def test_unreachable_judge_is_a_clear_error(tmp_path, kontext_folder):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = edit_args(tmp_path, kontext_folder, "flux",
+                     **{"reward.backend": "server", "reward.server_url": f"127.0.0.1:{port}"})
+    with pytest.raises(RuntimeError, match=r"every one of the 2 groups has an invalid reward.*\(server\) reachable"):
+        Trainer(load_config(args), echo=False).train()
+
+
+def test_qwen_conditioning_survives_cat_and_index(qwen_folder):
+    """Rollout batches with different text lengths, concatenated (padded) and re-indexed (trimmed), give the
+    velocities of the conditioning each sample was rolled out with."""
+    from nftcore.models.families import QwenImageEditFamily
+    from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
+
+    family = QwenImageEditFamily.from_pretrained(qwen_folder, dtype=torch.float32, vae_area=32 * 32)
+    rng = np.random.default_rng(1)
+    images = [random_image(rng, 32, 32) for _ in range(4)]
+    short = family.conditioning(images[:2], PROMPTS[:2], height=32, width=32)
+    long = family.conditioning(images[2:], [PROMPTS[2], PROMPTS[2] + " and the lamp"], height=32, width=32)
+    assert short.prompt_embeds.shape[1] < long.prompt_embeds.shape[1]
+    both = cat_conditioning([short, long])
+    x = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(0))
+    for rows, originals in (([0, 1], [(short, 0), (short, 1)]), ([1, 2], [(short, 1), (long, 0)]),
+                            ([2, 3], [(long, 0), (long, 1)])):
+        picked = index_conditioning(both, torch.tensor(rows))
+        with torch.no_grad():
+            got = edit_velocity_fn(family.transformer, picked)(x, 0.6)
+            want = torch.cat([edit_velocity_fn(family.transformer, index_conditioning(c, torch.tensor([i])))(
+                x[j:j + 1], 0.6) for j, (c, i) in enumerate(originals)])
+        assert (got - want).abs().max().item() < 1e-6 * want.abs().max().item(), rows  # batch-size rounding only
+    assert index_conditioning(both, torch.tensor([0, 1])).prompt_embeds.shape[1] == short.prompt_embeds.shape[1]
+
+
+def test_config_and_pipeline_must_agree(tmp_path, kontext_folder, qwen_folder):
+    """Mismatches fail before any weight is loaded, naming the config key."""
+    cases = [
+        (dict(family="qwen_image", folder=kontext_folder), ValueError, "transformer is a 'flux' model"),
+        (dict(family="flux", folder=kontext_folder, **{"sampling.guidance_scale": "none"}), ValueError,
+         "set sampling.guidance_scale"),
+        (dict(family="flux", folder=kontext_folder, **{"sampling.true_cfg_scale": 4.0}), NotImplementedError,
+         "sampling.true_cfg_scale"),
+        (dict(family="qwen_image", folder=tmp_path / "nowhere"), FileNotFoundError, "model.path="),
+    ]
+    for k, (case, error, message) in enumerate(cases):
+        family, folder = case.pop("family"), case.pop("folder")
+        cfg = load_config(edit_args(tmp_path / str(k), folder, family, **case))
+        with pytest.raises(error, match=message):
+            build_family(cfg, torch.device("cpu"))
