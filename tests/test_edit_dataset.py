@@ -199,3 +199,16 @@ def test_to_pil_round_trip():
     image = torch.rand(3, 5, 7, generator=torch.Generator().manual_seed(0))
     back = to_tensor(to_pil(image))
     assert back.shape == image.shape and (back - image).abs().max() <= 0.5 / 255 + 1e-6
+
+
+def test_trainer_data_bad_lines_option(root: Path):
+    """The trainer's `data.bad_lines`: 'error' (default) names file and line, 'skip' drops and counts."""
+    from nftcore.config import load_config
+    from nftcore.trainer.edit_family import _datasets
+
+    _write(root, [_row("images/a.png"), "not json", _row("images/b.png")])
+    args = ["--model.family", "flux", "--model.path", "unused", "--data.path", str(root), "--eval.every", "0"]
+    with pytest.raises(DatasetError, match="train_metadata.jsonl:2"):
+        _datasets(load_config(args))
+    train, test = _datasets(load_config([*args, "--data.bad_lines", "skip"]))
+    assert len(train.records) == 2 and [line for line, _ in train.skipped] == [2] and test is None

@@ -335,6 +335,9 @@ class DataConfig:
     path: str = option("", "Dataset folder (the Edit-R1 layout); empty uses the embedded demo data.")
     num_workers: int = option(0, "Threads per rank that read the epoch's dataset rows (image decoding) before its "
                                  "rollouts; 0 reads them in the rollout loop.")
+    bad_lines: Literal["error", "skip"] = option(
+        "error", "A metadata line that cannot be used (bad JSON, missing field, missing image): 'error' stops with "
+                 "file:line and the reason; 'skip' drops it, counts it and logs one warning (never trained on).")
     group_key: Literal["sample_id", "instruction"] = option(
         "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
                      "instruction text alone as the reference does, which merges images that share one (§11.3). "

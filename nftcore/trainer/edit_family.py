@@ -82,13 +82,14 @@ def _datasets(cfg: TrainConfig):
     if not root.is_dir():
         raise FileNotFoundError(f"data.path={cfg.data.path!r} is not a folder (expected images/ and "
                                 "train_metadata.jsonl, test_metadata.jsonl)")
-    train = EditDataset(root, "train", resolution=cfg.sampling.resolution)
+    on_error = "skip" if cfg.data.bad_lines == "skip" else "raise"
+    train = EditDataset(root, "train", resolution=cfg.sampling.resolution, on_error=on_error)
     if not (root / "test_metadata.jsonl").is_file():
         if cfg.eval.every > 0:
             raise FileNotFoundError(f"{root / 'test_metadata.jsonl'} is missing but eval.every = {cfg.eval.every}; "
                                     "add the test split or set --eval.every=0")
         return train, None
-    return train, EditDataset(root, "test", resolution=cfg.sampling.resolution)
+    return train, EditDataset(root, "test", resolution=cfg.sampling.resolution, on_error=on_error)
 
 
 class EditFamily:
