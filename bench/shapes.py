@@ -62,7 +62,8 @@ NFT_LOSS_SHAPES: dict[str, NFTLossShape] = {
     )
 }
 
-# H = 24 heads of D = 128 in both transformers (hidden 3072). Text lengths: FLUX-Kontext pads T5 to 512 tokens;
+# H = 24 heads of D = 128 in both transformers (hidden 3072). Text lengths: the FLUX-Kontext pipeline pads T5 to 512
+# tokens by default (Edit-R1 trains with 128, i.e. 384 fewer: these shapes are the pipeline's, slightly larger);
 # Qwen-Image-Edit's Qwen2.5-VL prompt is about 300 tokens (2348 - 2 x 1024 at 512^2).
 ATTENTION_SHAPES: dict[str, AttentionShape] = {
     s.name: s
