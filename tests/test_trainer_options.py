@@ -50,3 +50,21 @@ def test_config_refuses_unimplemented_combinations(argv, needle):
     with pytest.raises(ConfigError) as info:
         load_config(argv)
     assert needle in str(info.value)
+
+
+def test_local_judge_loads_on_the_policy_device(monkeypatch):
+    """reward.backend=local puts the judge where this rank's policy is (cuda:LOCAL_RANK under torchrun), not on the
+    default device, where every rank's copy would land on one GPU."""
+    from types import SimpleNamespace
+
+    from nftcore.reward import MLLMScorer
+    from nftcore.trainer.family import build_reward
+
+    seen = {}
+    monkeypatch.setattr(MLLMScorer, "from_pretrained", classmethod(
+        lambda cls, folder, device=None, **kw: seen.setdefault("device", device)))
+    monkeypatch.setattr("nftcore.reward.MLLMReward", lambda scorer: scorer)
+    family = SimpleNamespace(transformer=SimpleNamespace(device=torch.device("cpu", 3)))
+    cfg = load_config(["--reward.backend", "local", "--reward.model", "JUDGE-DIR"])
+    build_reward(cfg, family)
+    assert seen["device"] == torch.device("cpu", 3)

@@ -225,7 +225,10 @@ def build_reward(cfg: TrainConfig, family: PolicyFamily) -> Callable[..., Reward
         return HTTPReward(url, timeout=cfg.reward.timeout_s, retries=cfg.reward.max_retries)
     from nftcore.reward import MLLMReward, MLLMScorer
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The rank's own device (the policy's), not "cuda" = cuda:0, where every rank's judge would pile up.
+    device = getattr(getattr(family, "transformer", None), "device", None)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     return MLLMReward(MLLMScorer.from_pretrained(cfg.reward.model, device=device))
 
 
