@@ -229,3 +229,25 @@ def test_config_and_pipeline_must_agree(tmp_path, kontext_folder, qwen_folder):
         cfg = load_config(edit_args(tmp_path / str(k), folder, family, **case))
         with pytest.raises(error, match=message):
             build_family(cfg, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", ["flux", "qwen_image"])
+def test_sharded_text_encoders_give_the_replicated_losses_on_two_ranks(tmp_path, family, kontext_folder, qwen_folder):
+    """parallel.shard_text_encoder=true (FSDP2 over the frozen T5 + CLIP, or Qwen2.5-VL) under torchrun: the same
+    losses as the replicated encoders, so sharding changes where the weights live, not the conditioning."""
+    from tests.test_trainer_distributed import TORCHRUN, losses, run_job
+
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun not in the venv")
+    folder = kontext_folder if family == "flux" else qwen_folder
+    out = {}
+    for shard in (False, True):
+        run = tmp_path / f"shard-{shard}"
+        args = edit_args(run, folder, family, **{"parallel.shard_text_encoder": shard, "reward.backend": "local",
+                                                 "reward.model": tiny_judge_folder()})
+        result = run_job(args, nproc=2, timeout=300)
+        assert ("FSDP2-sharded over 2 ranks" in result.stdout) == shard
+        out[shard] = losses(run / "out")
+    print(family, out)
+    assert len(out[True]) == len(out[False]) == 1
+    assert abs(out[True][0] - out[False][0]) <= 1e-5 * max(1.0, abs(out[False][0]))

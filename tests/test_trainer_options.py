@@ -35,9 +35,9 @@ def test_demo_family_refuses_what_it_cannot_honour(tmp_path, key, value):
         Trainer(load_config(tiny_args(tmp_path, **{key: value})), echo=False)
 
 
-def test_text_encoder_sharding_is_refused_on_several_ranks(tmp_path):
+def test_demo_text_encoder_sharding_is_refused_on_several_ranks(tmp_path):
     cfg = load_config(tiny_args(tmp_path, **{"parallel.shard_text_encoder": True}))
-    with pytest.raises(NotImplementedError, match="parallel.shard_text_encoder=true: no family shards"):
+    with pytest.raises(NotImplementedError, match="parallel.shard_text_encoder=true: the demo's text encoder"):
         Trainer(cfg, env=DistEnv(rank=0, world_size=2), echo=False)
 
 

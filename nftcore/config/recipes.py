@@ -16,8 +16,6 @@ Deliberate differences from the official configs, each one flag away:
 - `model.dtype = "bf16"` for Kontext too (§11.7); the official script leaves its transformer in fp32.
 - `data.group_key = "sample_id"` (§11.3). Keying groups on the instruction text as the reference does
   (`--data.group_key=instruction`) is not implemented yet and is rejected.
-- `parallel.shard_text_encoder = false`: the text encoders are replicated on every rank; FSDP2 on them, as the
-  reference does, is not implemented yet (true is an error on more than one rank).
 """
 
 from __future__ import annotations
@@ -85,7 +83,8 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
         filter=FilterConfig(rule="paper", mean_threshold=0.9, std_threshold=0.05, ban_prompts=ban_prompts),
         optim=OptimConfig(lr=3e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8, max_grad_norm=1.0,
                           steps_per_epoch=1, mixed_precision="bf16", allow_tf32=True),
-        parallel=ParallelConfig(backend="auto", shard_text_encoder=False, shard_transformer=False, cpu_offload=False),
+        # As the reference: FSDP2 on the frozen text encoders, the transformer replicated (DDP-style all-reduce).
+        parallel=ParallelConfig(backend="auto", shard_text_encoder=True, shard_transformer=False, cpu_offload=False),
         checkpoint=CheckpointConfig(save_every=30, keep_latest=0, resume="", export_lora=True),
         metrics=MetricsConfig(log_every=1, image_every=10, wandb=False, wandb_project="nftcore", tensorboard=False,
                               progress=True),

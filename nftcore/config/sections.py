@@ -245,10 +245,10 @@ class ParallelConfig:
 
     backend: Literal["auto", "nccl", "gloo"] = option(
         "auto", "torch.distributed backend; 'auto' is nccl with CUDA, gloo without.")
-    shard_text_encoder: bool = option(False, "FSDP2-shard the frozen text encoder(s) over all ranks, as the reference "
-                                             "does, instead of replicating them. Not implemented yet: true is an "
-                                             "error on more than one rank (the demo's encoder is part of its tiny "
-                                             "policy and always replicated).")
+    shard_text_encoder: bool = option(False, "FSDP2-shard the frozen text encoder(s) over all ranks, one group per "
+                                             "layer, as the reference does, instead of replicating them (FLUX: T5 + "
+                                             "CLIP, Qwen-Image-Edit: Qwen2.5-VL). The demo's encoder is part of its "
+                                             "tiny policy: true is an error there on more than one rank.")
     shard_transformer: bool = option(True, "FSDP2-shard the policy transformer per block; false replicates it and "
                                            "all-reduces the gradients (the reference's DDP). Sharding is for 1024² "
                                            "or larger models (§11.10).")

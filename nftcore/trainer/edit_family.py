@@ -92,6 +92,18 @@ def _datasets(cfg: TrainConfig):
     return train, EditDataset(root, "test", resolution=cfg.sampling.resolution, on_error=on_error)
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class EditFamily:
     """FLUX.1-Kontext or Qwen-Image-Edit(-2509) around the policy `MMDiT`; `self.model` is the
     `nftcore.models.families` object (frozen encoders, VAE, schedule)."""
@@ -111,6 +123,12 @@ class EditFamily:
             self.model = QwenImageEditFamily.from_pretrained(folder, dtype=dtype, device=device, vae_area=size * size,
                                                              max_sequence_length=QWEN_TEXT_TOKENS)
         self.transformer = self.model.transformer.requires_grad_(False)
+        if cfg.parallel.shard_text_encoder and _world_size() > 1:
+            from nftcore.trainer.encoder_sharding import shard_text_encoders
+
+            names = shard_text_encoders(self.model, device)
+            if _rank() == 0:
+                print(f"# text encoder(s) {', '.join(names)}: FSDP2-sharded over {_world_size()} ranks", flush=True)
         self.size = size
         self.grid = self.model.target_grid(size, size)  # (rows, cols) of target tokens
 

@@ -119,9 +119,9 @@ class Trainer:
         self.cfg = cfg
         self.env = env or init_distributed(cfg)
         self.plan = batch_plan(cfg, self.env.world_size)
-        if cfg.parallel.shard_text_encoder and self.env.world_size > 1:
-            raise NotImplementedError("parallel.shard_text_encoder=true: no family shards its text encoder yet; run "
-                                      "with --parallel.shard_text_encoder=false (replicated)")
+        if cfg.parallel.shard_text_encoder and self.env.world_size > 1 and cfg.model.family == "demo":
+            raise NotImplementedError("parallel.shard_text_encoder=true: the demo's text encoder is part of its tiny "
+                                      "policy and always replicated; run with --parallel.shard_text_encoder=false")
         if self.env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
         torch.manual_seed(cfg.run.seed)
