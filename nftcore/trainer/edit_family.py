@@ -31,7 +31,6 @@ from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
 
 KONTEXT_T5_TOKENS = 128  # Edit-R1's max_sequence_length for Kontext (the pipeline default is 512)
 QWEN_TEXT_TOKENS = 256  # Edit-R1's truncation of the Qwen2.5-VL hidden states after the template drop
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def pipeline_folder(path: str) -> Path:
@@ -112,7 +111,9 @@ class EditFamily:
         from nftcore.models.families import KontextFamily, QwenImageEditFamily
 
         folder = pipeline_folder(cfg.model.path)
-        dtype, size = DTYPES[cfg.model.dtype], cfg.sampling.resolution
+        from nftcore.trainer.family import MODEL_DTYPES
+
+        dtype, size = MODEL_DTYPES[cfg.model.dtype], cfg.sampling.resolution
         _check_pipeline(cfg, folder)  # before the weights: a bad config or dataset fails fast
         self.train_dataset, self.eval_dataset = _datasets(cfg)
         if cfg.model.family == "flux":

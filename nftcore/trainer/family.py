@@ -121,7 +121,7 @@ class DemoFamily:
             self.policy = DemoPolicy.from_pretrained(path or None)
         self.policy.to(device).requires_grad_(False)
         # model.dtype: the frozen base transformer's storage; the tiny text encoder stays fp32 (it runs once per sample)
-        self.policy.transformer.to(_DTYPES[cfg.model.dtype])
+        self.policy.transformer.to(MODEL_DTYPES[cfg.model.dtype])
         self.device = device
         size = self.policy.demo.image_size
         if cfg.sampling.resolution != size:
@@ -175,7 +175,7 @@ class DemoFamily:
         return DemoReward()
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # `model.dtype` values
 
 
 def _reject_for_demo(cfg: TrainConfig) -> None:
