@@ -26,12 +26,7 @@ peft = pytest.importorskip("peft")
 RTOL = 1e-5  # fp32 end to end; the only difference is the order of LoRA's low-rank products
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def flux_inputs(cfg, batch=2, h=2, w=4, text=5, seed=0):

@@ -21,12 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 AREA = 64 * 64  # pipelines resize sources to 1024^2 area; the tests patch that to 64^2 to stay fast
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

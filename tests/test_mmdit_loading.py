@@ -37,13 +37,7 @@ QWEN_EDIT_CONFIG = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_ve
                     "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 768}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: single-threaded is faster and steadier on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -54,14 +54,7 @@ def qwen_config(heads=2):
                 num_attention_heads=heads, joint_attention_dim=64, axes_dims_rope=(4, 6, 6))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: with several intra-op threads on a shared machine every op waits on thread
-    hand-offs (a 2 ms op becomes 6 ms), so the module runs single-threaded and restores the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -32,12 +32,7 @@ PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the
 DEAD_PROMPT = "turn the photo into a watercolor painting"  # the judge crashes on any batch holding it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
