@@ -251,6 +251,11 @@ def test_validation_lists_every_problem_at_once():
         (["--optim.steps_per_epoch=3"], "do not split into optim.steps_per_epoch = 3"),
         (["--sampling.batch_size=5"], "do not split into rollout calls"),
         (["--reward.backend=local"], "reward.model must name"),
+        (["--config", "kontext_edit_r1", "--parallel.shard_reward_model=true"],
+         "parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got 'server'"),
+        (["--reward.backend=local", "--reward.model=J", "--reward.min_pixels=5000", "--reward.max_pixels=3136"],
+         "reward.min_pixels = 5000 exceeds reward.max_pixels = 3136"),
+        (["--reward.max_pixels=-1"], "reward.min_pixels and reward.max_pixels must be ≥ 0"),
     ],
 )
 def test_cross_field_constraints(argv, needle):

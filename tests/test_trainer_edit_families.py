@@ -227,10 +227,12 @@ def test_config_and_pipeline_must_agree(tmp_path, kontext_folder, qwen_folder):
 
 
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
-def test_sharded_text_encoders_give_the_replicated_losses_on_two_ranks(tmp_path, family, kontext_folder, qwen_folder):
-    """parallel.shard_text_encoder=true (FSDP2 over the frozen T5 + CLIP, or Qwen2.5-VL) under torchrun: the same
-    losses as the replicated encoders, so sharding changes where the weights live, not the conditioning."""
-    from tests.test_trainer_distributed import TORCHRUN, losses, run_job
+def test_sharded_encoders_and_judge_give_the_replicated_losses_on_two_ranks(tmp_path, family, kontext_folder,
+                                                                           qwen_folder):
+    """parallel.shard_text_encoder=true (FSDP2 over the frozen T5 + CLIP, or Qwen2.5-VL) and
+    parallel.shard_reward_model=true (FSDP2 over the in-process judge, scoring in step) under torchrun: the same
+    rewards and losses as whole copies on every rank, so sharding changes where the weights live, not the numbers."""
+    from tests.test_trainer_distributed import TORCHRUN, run_job
 
     if not TORCHRUN.exists():
         pytest.skip("torchrun not in the venv")
@@ -239,10 +241,17 @@ def test_sharded_text_encoders_give_the_replicated_losses_on_two_ranks(tmp_path,
     for shard in (False, True):
         run = tmp_path / f"shard-{shard}"
         args = edit_args(run, folder, family, **{"parallel.shard_text_encoder": shard, "reward.backend": "local",
-                                                 "reward.model": tiny_judge_folder()})
+                                                 "parallel.shard_reward_model": shard,
+                                                 "reward.model": tiny_judge_folder(), "reward.min_pixels": 56 * 56,
+                                                 "reward.max_pixels": 112 * 112})
         result = run_job(args, nproc=2, timeout=300)
-        assert ("FSDP2-sharded over 2 ranks" in result.stdout) == shard
-        out[shard] = losses(run / "out")
+        assert ("text encoder(s)" in result.stdout and "FSDP2-sharded over 2 ranks" in result.stdout) == shard
+        assert ("reward model: FSDP2-sharded over 2 ranks (3 layer groups)" in result.stdout) == shard
+        out[shard] = read_metrics(run / "out" / "metrics.jsonl")
     print(family, out)
     assert len(out[True]) == len(out[False]) == 1
-    assert abs(out[True][0] - out[False][0]) <= 1e-5 * max(1.0, abs(out[False][0]))
+    (whole,), (sharded,) = out[False], out[True]
+    assert 0 < whole["reward_std"] and whole["invalid_rewards"] == sharded["invalid_rewards"] == 0
+    for key in ("reward_mean", "reward_std"):
+        assert sharded[key] == pytest.approx(whole[key], abs=1e-5), key
+    assert abs(sharded["loss"] - whole["loss"]) <= 1e-5 * max(1.0, abs(whole["loss"]))

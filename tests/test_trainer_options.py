@@ -52,9 +52,14 @@ def test_config_refuses_unimplemented_combinations(argv, needle):
     assert needle in str(info.value)
 
 
-def test_local_judge_loads_on_the_policy_device(monkeypatch):
+@pytest.mark.parametrize("argv, want", [
+    ([], dict(dtype=torch.float32, min_pixels=None, max_pixels=None)),  # 'auto' on a CPU rank; the processor's bounds
+    (["--reward.dtype=bf16", "--reward.min_pixels=3136", "--reward.max_pixels=50176"],
+     dict(dtype=torch.bfloat16, min_pixels=3136, max_pixels=50176)),
+])
+def test_local_judge_loads_on_the_policy_device(monkeypatch, argv, want):
     """reward.backend=local puts the judge where this rank's policy is (cuda:LOCAL_RANK under torchrun), not on the
-    default device, where every rank's copy would land on one GPU."""
+    default device, where every rank's copy would land on one GPU; reward.dtype and the pixel bounds reach it."""
     from types import SimpleNamespace
 
     from nftcore.reward import MLLMScorer
@@ -62,9 +67,9 @@ def test_local_judge_loads_on_the_policy_device(monkeypatch):
 
     seen = {}
     monkeypatch.setattr(MLLMScorer, "from_pretrained", classmethod(
-        lambda cls, folder, device=None, **kw: seen.setdefault("device", device)))
+        lambda cls, folder, device=None, **kw: seen.update(device=device, folder=folder, **kw)))
     monkeypatch.setattr("nftcore.reward.MLLMReward", lambda scorer: scorer)
     family = SimpleNamespace(transformer=SimpleNamespace(device=torch.device("cpu", 3)))
-    cfg = load_config(["--reward.backend", "local", "--reward.model", "JUDGE-DIR"])
+    cfg = load_config(["--reward.backend", "local", "--reward.model", "JUDGE-DIR", *argv])
     build_reward(cfg, family)
-    assert seen["device"] == torch.device("cpu", 3)
+    assert seen == dict(device=torch.device("cpu", 3), folder="JUDGE-DIR", **want)

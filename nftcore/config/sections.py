@@ -176,9 +176,16 @@ class RewardConfig:
     """The judge that scores each edit (ALGORITHM.md §3)."""
 
     backend: Literal["demo", "local", "server"] = option(
-        "demo", "'local': the MLLM judge in this process (frozen, sharded); 'server': an HTTP judge at server_url (as "
-                "the reference, on separate GPUs); 'demo': the embedded synthetic reward.")
+        "demo", "'local': the MLLM judge in this process (frozen; a whole copy per rank, or sharded with "
+                "parallel.shard_reward_model); 'server': an HTTP judge at server_url (as the reference, on separate "
+                "GPUs); 'demo': the embedded synthetic reward.")
     model: str = option("", "Judge MLLM for 'local' (the score is E[digit]/5 over the tokens '0'–'5' of its answer).")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = option(
+        "auto", "Weights of the 'local' judge; 'auto' is bf16 on CUDA and fp32 on the CPU.")
+    min_pixels: int = option(0, "Smallest image area the 'local' judge's processor resizes to (smart_resize); 0 keeps "
+                                "the processor's own (stock Qwen2.5-VL: 56·56).")
+    max_pixels: int = option(0, "Largest image area for the 'local' judge (a 512² edit is 324 image tokens at the "
+                                "stock bound); 0 keeps the processor's own (stock: 28·28·1280).")
     server_url: str = option("", "host:port of the judge for 'server'; empty reads REWARD_SERVER from the environment.")
     timeout_s: float = option(300.0, "Seconds one scoring request may take before it is retried.")
     max_retries: int = option(3, "Retries of a failed scoring request; a group that still fails is dropped, never "
@@ -190,6 +197,10 @@ class RewardConfig:
                 self.backend != "local" or bool(self.model),
             f"reward.timeout_s must be > 0, got {self.timeout_s}": self.timeout_s > 0,
             f"reward.max_retries must be ≥ 0, got {self.max_retries}": self.max_retries >= 0,
+            f"reward.min_pixels and reward.max_pixels must be ≥ 0, got {self.min_pixels} and {self.max_pixels}":
+                self.min_pixels >= 0 and self.max_pixels >= 0,
+            f"reward.min_pixels = {self.min_pixels} exceeds reward.max_pixels = {self.max_pixels}":
+                not (self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels),
         })
 
 
@@ -252,6 +263,10 @@ class ParallelConfig:
     shard_transformer: bool = option(True, "FSDP2-shard the policy transformer per block; false replicates it and "
                                            "all-reduces the gradients (the reference's DDP). Sharding is for 1024² "
                                            "or larger models (§11.10).")
+    shard_reward_model: bool = option(False, "FSDP2-shard the in-process MLLM judge (reward.backend='local') over "
+                                             "all ranks, one group per layer, instead of a whole copy per rank. "
+                                             "Scoring then runs in step on every rank's main thread, no longer "
+                                             "overlapped with the next rollout batch.")
     cpu_offload: bool = option(False, "Keep FSDP2-sharded parameters on the CPU between uses.")
     replicate_degree: int = option(1, "HSDP: this many replicas of the sharded transformer, each sharded over "
                                       "world_size / replicate_degree ranks (e.g. the node count, so parameters "
@@ -388,6 +403,8 @@ class TrainConfig:
                 "0 timesteps per sample; raise either": self.train_timesteps >= 1,
                 "sampling.guidance_scale must be none for qwen_image (it has no guidance embedding; use "
                 "sampling.true_cfg_scale)": not (self.model.family == "qwen_image" and s.guidance_scale is not None),
+                f"parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got "
+                f"{self.reward.backend!r}": not self.parallel.shard_reward_model or self.reward.backend == "local",
             })
             # A config that cannot split on one rank cannot split on any (see batch_plan), so say so now.
             split = split_problem(s.group_size, s.groups_per_epoch, 1, s.batch_size, self.optim.steps_per_epoch)

@@ -31,6 +31,10 @@ How, and why not like the peers:
   1/num_layers of the language model's MLP work saved on every path, with identical scores.
 - Groups are detected automatically: two samples share a prefix when their source images have identical pixels (a
   content hash), whatever the instruction, because the instruction comes after both images.
+- Lockstep (a judge sharded over ranks, e.g. by FSDP2). Every vision-tower and language-model call is then a
+  collective, but how many calls a batch needs depends on its data (distinct sources, groups, chunks). `lockstep`, when
+  set, maps this rank's (vision calls, language-model calls) to the maxima over the ranks, and the rank adds one-token
+  dummy calls up to them, after its real calls of each kind; their outputs are dropped, so scores do not change.
 """
 
 from __future__ import annotations
@@ -38,9 +42,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -115,6 +120,9 @@ class MLLMScorer:
         self._cache_kw = "cache" if "cache" in lm_params else "past_key_values"
         self._rope_params = inspect.signature(model.model.get_rope_index).parameters
         self._text_ids: dict[str, list[int]] = {}
+        # (vision calls, language-model calls) of this rank -> their maxima over the ranks sharing a sharded judge.
+        self.lockstep: Callable[[tuple[int, int]], tuple[int, int]] | None = None
+        self._dummy_image: tuple[torch.Tensor, torch.Tensor] | None = None  # (pixels, grid) for lockstep padding
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -151,22 +159,34 @@ class MLLMScorer:
 
     # ------------------------------------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
     def score(self, edited_images, source_images, instructions: Sequence[str], requirements: Sequence[str | None],
               *, share_prefix: bool | None = None) -> torch.Tensor:
         """Scores in [0, 1], float32 [B] on CPU. `share_prefix` overrides the constructor's setting for this call
         (False: every sample through the one-forward path, e.g. as a reference)."""
+        # no_grad, not inference_mode, for a sharded judge: FSDP2's unsharding into inference tensors fails on some
+        # torch versions ("Inference tensors do not track version counter", pytorch/pytorch#197327).
+        with torch.no_grad() if self.lockstep is not None else torch.inference_mode():
+            return self._score(edited_images, source_images, instructions, requirements, share_prefix)
+
+    def _score(self, edited_images, source_images, instructions, requirements, share_prefix) -> torch.Tensor:
         n = check_batch(edited_images, source_images, instructions, requirements)
-        if n == 0:
+        if n == 0 and self.lockstep is None:
             return torch.empty(0)
         edits, sources = to_pil_list(edited_images), to_pil_list(source_images)
         samples, (src_pix, src_grid), (edit_pix, edit_grid) = self._encode(edits, sources, instructions, requirements)
+        share = self.share_prefix if share_prefix is None else share_prefix
+        plan = list(self._plan(samples, share))
+        vision_calls = math.ceil(len(src_pix) / self.vision_batch) + math.ceil(len(edit_pix) / self.vision_batch)
+        lm_calls = sum(2 if kind == "shared" else 1 for kind, _ in plan)
+        if self.lockstep is not None:
+            vision_max, lm_max = self.lockstep((vision_calls, lm_calls))
         src_feat = self._image_features(src_pix, src_grid)  # each distinct source once, whatever the path
         edit_feat = self._image_features(edit_pix, edit_grid)
-        share = self.share_prefix if share_prefix is None else share_prefix
+        if self.lockstep is not None:
+            self._dummy_vision_calls(vision_max - vision_calls)
         hidden = [None] * n
         with self._last_layer_mlp_on_last_position():
-            for kind, rows in self._plan(samples, share):
+            for kind, rows in plan:
                 if kind == "shared":
                     h = self._forward_shared(rows, samples, src_feat, edit_feat)
                     flat = [i for group in rows for i in group]
@@ -175,7 +195,9 @@ class MLLMScorer:
                     flat = rows
                 for i, row in zip(flat, h):
                     hidden[i] = row
-        return self.score_hidden(torch.stack(hidden))
+            if self.lockstep is not None:
+                self._dummy_language_model_calls(lm_max - lm_calls)
+        return self.score_hidden(torch.stack(hidden)) if n else torch.empty(0)
 
     def score_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, H] final-normed hidden states at the answer position -> [B] scores in [0, 1] (float32, CPU)."""
@@ -300,14 +322,26 @@ class MLLMScorer:
 
     def _language_model(self, ids, mask, pos, feats: list[torch.Tensor], **kwargs) -> torch.Tensor:
         """Token embeddings with the image features scattered over the image pads (in row-major order), through the
-        language model (no LM head): [B, L, H] final-normed hidden states."""
-        embeds = self.model.model.get_input_embeddings()(ids)
+        language model (no LM head): [B, L, H] final-normed hidden states.
+
+        The features are scattered by a hook on the embedding inside the language model's own forward (not by
+        embedding first and passing `inputs_embeds`), so that a sharded language model gathers its embedding table
+        itself: the embedding is then part of the language model's shard group."""
         image_pos = ids == self.image_token_id
-        values = torch.cat(feats).to(embeds.dtype)
-        if values.shape[0] != int(image_pos.sum()):
-            raise AssertionError(f"{values.shape[0]} image features for {int(image_pos.sum())} image tokens")
-        embeds[image_pos] = values
-        out = self.model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, **kwargs)
+        n_features = sum(f.shape[0] for f in feats)
+        if n_features != int(image_pos.sum()):
+            raise AssertionError(f"{n_features} image features for {int(image_pos.sum())} image tokens")
+
+        def scatter(module, args, embeds):
+            if feats:
+                embeds[image_pos] = torch.cat(feats).to(embeds.dtype)
+            return embeds
+
+        handle = self.model.model.get_input_embeddings().register_forward_hook(scatter)
+        try:
+            out = self.model.model.language_model(input_ids=ids, attention_mask=mask, position_ids=pos, **kwargs)
+        finally:
+            handle.remove()
         return out.last_hidden_state
 
     def _forward_full(self, rows, samples, src_feat, edit_feat) -> torch.Tensor:
@@ -335,6 +369,25 @@ class MLLMScorer:
         hidden = self._language_model(s_ids, full_mask, s_pos, [edit_feat[i] for i in rows], use_cache=True,
                                       **{self._cache_kw: cache})
         return hidden[:, -1]
+
+    def _dummy_vision_calls(self, count: int) -> None:
+        """`count` vision-tower calls on the smallest image the processor makes (lockstep padding; output dropped)."""
+        if count <= 0:
+            return
+        if self._dummy_image is None:
+            from PIL import Image
+
+            pixels, grids = self._preprocess([Image.new("RGB", (2 * 14, 2 * 14))])  # resized up to min_pixels
+            self._dummy_image = pixels[0], grids[0]
+        pixels, grid = self._dummy_image
+        for _ in range(count):
+            self._image_features([pixels], [grid])
+
+    def _dummy_language_model_calls(self, count: int) -> None:
+        """`count` one-token language-model calls (lockstep padding; output dropped)."""
+        for _ in range(count):
+            ids, mask, pos = self._pad_left([[self.pad_id]], [torch.zeros((3, 1), dtype=torch.long)])
+            self._language_model(ids, mask, pos, [], use_cache=False)
 
     @contextlib.contextmanager
     def _last_layer_mlp_on_last_position(self):

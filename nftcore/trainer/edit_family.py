@@ -125,7 +125,7 @@ class EditFamily:
                                                              max_sequence_length=QWEN_TEXT_TOKENS)
         self.transformer = self.model.transformer.requires_grad_(False)
         if cfg.parallel.shard_text_encoder and _world_size() > 1:
-            from nftcore.trainer.encoder_sharding import shard_text_encoders
+            from nftcore.trainer.inference_sharding import shard_text_encoders
 
             names = shard_text_encoders(self.model, device)
             if _rank() == 0:

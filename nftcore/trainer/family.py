@@ -223,13 +223,28 @@ def build_reward(cfg: TrainConfig, family: PolicyFamily) -> Callable[..., Reward
             raise ValueError("reward.backend='server' needs reward.server_url or REWARD_SERVER=host:port")
         url = url if "://" in url else f"http://{url}"
         return HTTPReward(url, timeout=cfg.reward.timeout_s, retries=cfg.reward.max_retries)
+    import torch.distributed as dist
+
     from nftcore.reward import MLLMReward, MLLMScorer
 
     # The rank's own device (the policy's), not "cuda" = cuda:0, where every rank's judge would pile up.
     device = getattr(getattr(family, "transformer", None), "device", None)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return MLLMReward(MLLMScorer.from_pretrained(cfg.reward.model, device=device))
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    r = cfg.reward
+    dtype = MODEL_DTYPES.get(r.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    shard = cfg.parallel.shard_reward_model and world > 1
+    # Sharded: loaded on the CPU and moved to the device one shard group at a time (see shard_judge).
+    scorer = MLLMScorer.from_pretrained(r.model, dtype=dtype, device="cpu" if shard else device,
+                                        min_pixels=r.min_pixels or None, max_pixels=r.max_pixels or None)
+    if shard:
+        from nftcore.trainer.inference_sharding import shard_judge
+
+        layers = shard_judge(scorer, device)
+        if dist.get_rank() == 0:
+            print(f"# reward model: FSDP2-sharded over {world} ranks ({layers} layer groups); scoring runs in step "
+                  "on the main thread", flush=True)
+    return MLLMReward(scorer)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,16 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class _InStep:
+    """The reward pool's `submit`, run now on the calling thread (a sharded judge scores in step on every rank)."""
+
+    @staticmethod
+    def submit(fn, *args) -> Future:
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
 class Trainer:
     """Owns the model, optimizer, EMA, prompt ban and counters of one run; `train()` runs it to the end.
 
@@ -127,6 +138,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         self.family = family or build_family(cfg, self.env.device)
         self.reward_fn = reward_fn or build_reward(cfg, self.family)
+        self.score_in_step = cfg.parallel.shard_reward_model and self.env.world_size > 1
         self.loss_fn, self.max_nan_steps = loss_fn, max_nan_steps
         self.model = self.family.transformer
         self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"), finetune)
@@ -248,7 +260,9 @@ class Trainer:
         waiting for rewards).
 
         Scoring runs on one worker thread, so batch i is judged (an HTTP round trip, an MLLM forward) while batch
-        i + 1 is sampled; results are collected in order, so the overlap changes no number."""
+        i + 1 is sampled; results are collected in order, so the overlap changes no number. A sharded judge
+        (`parallel.shard_reward_model`) scores on this thread instead: its forwards are collectives, which must come
+        in the same order on every rank as the rollouts' own (see `inference_sharding`)."""
         from concurrent.futures import ThreadPoolExecutor
 
         cfg, env, fam = self.cfg, self.env, self.family
@@ -261,7 +275,8 @@ class Trainer:
         every = cfg.metrics.image_every
         show = env.is_main and every > 0 and (epoch + 1) % every == 0
         with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
+            pool = (_InStep() if self.score_in_step else
+                    stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")))
             row = self._row_reader([groups[g // k] for g in mine], stack)
             bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", math.ceil(n / bsz)))
             for start in range(0, n, bsz):
