@@ -115,6 +115,7 @@ def test_strided_inputs_from_fused_qkv(force_triton):
 def test_fp64_falls_back_to_reference(force_triton):
     (q, k, v, go), rope, mask = _to(DEVICE, *make_inputs(1, 20, 20, 2, 16, torch.float64, "nd", "partial"))
     got = run_with_grads(attention, q, k, v, go, key_padding_mask=mask, rope=rope)
+    assert last_backend("attention") == Backend.REFERENCE  # what ran, not what was dispatched to
     ref = run_with_grads(naive_attention, q, k, v, go, mask=mask, rope=rope)
     for a, r in zip(got, ref):
         torch.testing.assert_close(a, r, rtol=0, atol=1e-10)

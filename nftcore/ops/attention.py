@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .dispatch import Backend, dispatch
+from .dispatch import Backend, dispatch, record_fallback
 
 OP = "attention"
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -228,6 +228,7 @@ def _triton_forward_impl():
 
     def impl(q, k, v, mask, cos, sin, scale, deterministic):
         if not _kernel_covers(q):
+            record_fallback(OP)
             return _reference_forward(q, k, v, mask, cos, sin, scale, deterministic)
         return attention_forward(_unit_last(q), _unit_last(k), _unit_last(v), mask, cos, sin, scale)
 
@@ -239,6 +240,7 @@ def _triton_backward_impl():
 
     def impl(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic):
         if not _kernel_covers(q):
+            record_fallback(OP)
             return _reference_backward(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic)
         q, k, v, grad_out, out = (_unit_last(x) for x in (q, k, v, grad_out, out))
         return attention_backward(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic=deterministic)

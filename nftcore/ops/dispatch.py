@@ -100,6 +100,12 @@ def last_backend(op: str) -> Backend | None:
     return _last_backend.get(op)
 
 
+def record_fallback(op: str) -> None:
+    """Called by a backend's implementation that hands these inputs to the reference (e.g. a dtype its kernels do
+    not cover), so `last_backend` names what really ran."""
+    _last_backend[op] = Backend.REFERENCE
+
+
 def dispatch(op: str, device: torch.device, impls: Mapping[Backend, Callable[[], Callable]]) -> Callable:
     """Resolve `op` to an implementation. `impls` maps each backend to a zero-argument loader, so kernel modules
     are imported only when first used (keeps `import nftcore.ops` light and lets `TRITON_INTERPRET` be set first)."""
