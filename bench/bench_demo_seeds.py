@@ -210,9 +210,7 @@ def csv_results(runs: list[dict], arms: list[str], trainer_args: list[str], jobs
     results = []
     for arm in arms:
         rs = [r for r in runs if r["arm"] == arm]
-        ms = sorted(1e3 * r["wall_s"] for r in rs)
-        timing = harness.Timing(statistics.median(ms), harness._quantile(ms, 0.2), harness._quantile(ms, 0.8),
-                                len(ms))
+        timing = harness.summarize([1e3 * r["wall_s"] for r in rs])
         extra = {"seeds": [r["seed"] for r in rs], "epochs": len(rs[0]["epoch_rewards"]), "jobs": jobs,
                  "base_eval": [r["base_eval"] for r in rs], "final_eval": [r["final_eval"] for r in rs],
                  "rollout_first_last": [[round(v, 4) for v in window_means(r["epoch_rewards"])] for r in rs],

@@ -697,11 +697,6 @@ def quiet_progress_bars() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def summarize(xs: list[float]) -> harness.Timing:
-    xs = sorted(xs)
-    return harness.Timing(statistics.median(xs), harness._quantile(xs, 0.2), harness._quantile(xs, 0.8), len(xs))
-
-
 def results_of(case: CaseResult, args) -> list[harness.Result]:
     out = []
     for provider in PROVIDERS:
@@ -710,7 +705,7 @@ def results_of(case: CaseResult, args) -> list[harness.Result]:
             continue
         busy = statistics.median(e["reward_busy"] for e in epochs)
         for phase in PHASES:
-            timing = summarize([e[phase] * 1e3 for e in epochs])
+            timing = harness.summarize([e[phase] * 1e3 for e in epochs])
             extra = {**case.settings, "samples": case.samples, "epochs": len(epochs), "warmup": args.warmup,
                      "samples_per_s": round(case.samples / (timing.p50 / 1e3), 3) if timing.p50 > 0 else None,
                      "reward_busy_s": round(busy, 4), "parity_rel_err": case.extra.get("parity_rel_err"),

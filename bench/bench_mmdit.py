@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -140,17 +139,6 @@ def memory_worker(provider: str, mode: str, folder: Path) -> dict:
     return dict(peak_mb=profiled_peak_mb(fn))
 
 
-def _quantile(sorted_xs: list[float], q: float) -> float:
-    pos = q * (len(sorted_xs) - 1)
-    lo, hi = int(pos), min(int(pos) + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
-
-
-def summarize(ms: list[float]) -> harness.Timing:
-    xs = sorted(ms)
-    return harness.Timing(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), len(xs))
-
-
 def time_alternating(fns: dict[str, Callable], params: dict[str, list], warmup: int, repeats: int) -> dict:
     """{provider: (wall ms list, CPU ms list)}, calls interleaved provider by provider; `.grad` is cleared before
     each call, outside the timed region."""
@@ -219,7 +207,7 @@ def main() -> None:
                 if proc.returncode:
                     raise SystemExit(f"memory worker {provider}/{mode} failed:\n{proc.stderr[-4000:]}")
                 peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
-                wall, cpu = summarize(times[provider][0]), summarize(times[provider][1])
+                wall, cpu = harness.summarize(times[provider][0]), harness.summarize(times[provider][1])
                 extra = dict(B=BATCH, tokens=dict(target=GRID[0] * GRID[1], source=GRID[0] * GRID[1], text=TEXT),
                              config=CONFIG, threads=torch.get_num_threads(), load1=round(os.getloadavg()[0], 2),
                              rel_err=float(f"{err:.3g}"), cpu_p50_ms=round(cpu.p50, 1), cpu_p20_ms=round(cpu.p20, 1),

@@ -55,6 +55,12 @@ def _quantile(sorted_xs: Sequence[float], q: float) -> float:
     return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
 
 
+def summarize(ms: Sequence[float]) -> Timing:
+    """Median and 20th/80th percentiles of per-call milliseconds."""
+    ms = sorted(ms)
+    return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+
+
 def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10,
              grad_to_none: Iterable[torch.Tensor] = ()) -> Timing:
     """Wall-clock time of `fn()` with time.perf_counter: `warmup` untimed calls, then `repeats` timed ones.
@@ -77,8 +83,7 @@ def time_cpu(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10,
         t0 = time.perf_counter()
         fn()
         ms.append((time.perf_counter() - t0) * 1e3)
-    ms.sort()
-    return Timing(statistics.median(ms), _quantile(ms, 0.2), _quantile(ms, 0.8), len(ms))
+    return summarize(ms)
 
 
 def time_cuda(fn: Callable[[], Any], *, grad_to_none: Iterable[torch.Tensor] = (), warmup_ms: int = 25,
@@ -116,11 +121,7 @@ def time_many(fns: dict[str, Callable[[], Any]], device: torch.device | str, *,
             fn()
             if i >= warmup:
                 ms[name].append((time.perf_counter() - t0) * 1e3)
-    out = {}
-    for name, xs in ms.items():
-        xs.sort()
-        out[name] = Timing(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), len(xs))
-    return out
+    return {name: summarize(xs) for name, xs in ms.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------- memory

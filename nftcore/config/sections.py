@@ -265,8 +265,8 @@ class ParallelConfig:
                                            "or larger models (§11.10).")
     shard_reward_model: bool = option(False, "FSDP2-shard the in-process MLLM judge (reward.backend='local') over "
                                              "all ranks, one group per layer, instead of a whole copy per rank. "
-                                             "Scoring then runs in step on every rank's main thread, no longer "
-                                             "overlapped with the next rollout batch.")
+                                             "Each rank then scores its whole share on its main thread after its "
+                                             "rollouts, in step with the others, no longer overlapped with them.")
     cpu_offload: bool = option(False, "Keep FSDP2-sharded parameters on the CPU between uses.")
     replicate_degree: int = option(1, "HSDP: this many replicas of the sharded transformer, each sharded over "
                                       "world_size / replicate_degree ranks (e.g. the node count, so parameters "

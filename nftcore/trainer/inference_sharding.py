@@ -14,7 +14,8 @@ order, from one thread.
   the call counts per batch, then one-token dummy calls up to the maximum). The trainer also scores on the main
   thread instead of its reward worker thread: two threads issuing collectives (rollout FSDP2 and judge FSDP2) could
   interleave differently on different ranks, and NCCL forbids concurrent operations on two communicators of one
-  device from different threads.
+  device from different threads. It scores the rank's whole share in one call after the rollouts: every call gathers
+  each layer once, so fewer, larger calls gather less (`bench/bench_judge_sharding.py`).
 """
 
 from __future__ import annotations

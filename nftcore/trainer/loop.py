@@ -31,7 +31,6 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,16 +103,6 @@ class Rollouts:
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class _InStep:
-    """The reward pool's `submit`, run now on the calling thread (a sharded judge scores in step on every rank)."""
-
-    @staticmethod
-    def submit(fn, *args) -> Future:
-        future = Future()
-        future.set_result(fn(*args))
-        return future
 
 
 class Trainer:
@@ -261,8 +250,10 @@ class Trainer:
 
         Scoring runs on one worker thread, so batch i is judged (an HTTP round trip, an MLLM forward) while batch
         i + 1 is sampled; results are collected in order, so the overlap changes no number. A sharded judge
-        (`parallel.shard_reward_model`) scores on this thread instead: its forwards are collectives, which must come
-        in the same order on every rank as the rollouts' own (see `inference_sharding`)."""
+        (`parallel.shard_reward_model`) scores on this thread instead, after the last rollout batch, the rank's whole
+        share in one call: its forwards are collectives, which must come in the same order on every rank as the
+        rollouts' own (see `inference_sharding`), and each call gathers every layer once, so one call over whole
+        groups gathers the judge fewest times and shares each group's prefix across all its edits."""
         from concurrent.futures import ThreadPoolExecutor
 
         cfg, env, fam = self.cfg, self.env, self.family
@@ -275,8 +266,8 @@ class Trainer:
         every = cfg.metrics.image_every
         show = env.is_main and every > 0 and (epoch + 1) % every == 0
         with contextlib.ExitStack() as stack:
-            pool = (_InStep() if self.score_in_step else
-                    stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")))
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
+            deferred: list[tuple[torch.Tensor, list]] = []  # (edited, samples) for a sharded judge
             row = self._row_reader([groups[g // k] for g in mine], stack)
             bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", math.ceil(n / bsz)))
             for start in range(0, n, bsz):
@@ -287,14 +278,20 @@ class Trainer:
                 with self.autocast():
                     x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
                 edited = fam.decode(x0).cpu()
-                futures.append(pool.submit(self._score, edited, samples))
+                if self.score_in_step:
+                    deferred.append((edited, samples))
+                else:
+                    futures.append(pool.submit(self._score, edited, samples))
                 if show and sum(len(e) for _, e in shown) < IMAGE_ROWS:
                     shown.append((fam.source_images(samples).cpu(), edited))
                 latents.append(x0)
                 conds.append(cond)
                 bar.advance()
             waited = time.perf_counter()
-            results = [f.result() for f in futures]
+            if self.score_in_step:
+                results = [self._score(torch.cat([e for e, _ in deferred]), [s for _, ss in deferred for s in ss])]
+            else:
+                results = [f.result() for f in futures]
             waited = time.perf_counter() - waited
         if shown:
             self.metrics.log_images("rollouts", self.step, Path(cfg.run.out) / "images" / f"epoch-{epoch:06d}.png",
