@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer.metrics.info(f"# base model: eval reward {base_reward:.4f}")
         result = trainer.train()
         if demo:
-            final_reward, final_images = trainer.evaluate("ema")
+            last = trainer.last_eval  # the loop's own evaluation after the last epoch, when it made one
+            final_reward, final_images = (last[1:] if last and last[0] == result["epoch"] else trainer.evaluate("ema"))
             trainer.metrics.info(f"# final (EMA) model: eval reward {final_reward:.4f} (base {base_reward:.4f}); "
                                  f"rollout reward by epoch {[round(r, 4) for r in result['epoch_rewards']]}")
             if env.is_main:

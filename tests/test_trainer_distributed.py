@@ -42,8 +42,9 @@ def losses(out: Path) -> list[float]:
 
 # 3 epochs of one optimizer step: K·G = 4 samples split as 1 rank × 4 batches or 2 ranks × 2 batches of 1; the
 # per-sample seeding and the global loss normalisation make the two runs the same computation up to fp32 rounding.
+# One evaluation after the last epoch on 5 eval tasks: 2 ranks take 3 each, the second padded with a copy.
 RANKS_ARGS = {"run.epochs": 3, "optim.steps_per_epoch": 1, "nft.decay_type": 1, "nft.kl_weight": 1e-2,
-              "checkpoint.save_every": 0}
+              "checkpoint.save_every": 0, "eval.every": 3, "eval.max_samples": 5}
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not in the venv")
@@ -59,6 +60,10 @@ def test_one_rank_and_two_ranks_give_the_same_loss_trace(tmp_path, layout):
     print("1 rank ", one, "\n2 ranks", two)
     assert len(one) == len(two) == 3
     assert max(abs(a - b) for a, b in zip(one, two)) < 1e-5
+    (eval_one,), (eval_two,) = (read_metrics(tmp_path / run / "eval.jsonl") for run in ("one", "two"))
+    assert eval_one["eval_samples"] == eval_two["eval_samples"] == 5
+    assert abs(eval_one["eval_reward"] - eval_two["eval_reward"]) < 1e-5  # the split over ranks changes nothing
+    assert (tmp_path / "two" / "before_after.png").is_file()  # train.py's demo pictures, from rank 0's share
     assert (tmp_path / "two" / "checkpoints" / "epoch-000003" / "COMPLETE").is_file()
     assert (tmp_path / "two" / "checkpoints" / "epoch-000003" / "lora_ema" / "peft").is_dir()
 

@@ -97,7 +97,7 @@ def test_run_logs_throughput_memory_tensorboard_images_and_progress(tmp_path, mo
     monkeypatch.setenv("NFTCORE_PEAK_TFLOPS", "0.001")  # a made-up CPU peak, so MFU is computed here too
     FakeSummaryWriter.instances.clear()
     cfg = load_config(tiny_args(tmp_path, **{"run.epochs": 1, "metrics.tensorboard": True, "metrics.image_every": 1,
-                                             "metrics.progress": True}))
+                                             "metrics.progress": True, "eval.every": 1, "eval.max_samples": 3}))
     torch.set_num_threads(1)
     Trainer(cfg).train()
     rows = read_metrics(tmp_path / "metrics.jsonl")
@@ -108,8 +108,13 @@ def test_run_logs_throughput_memory_tensorboard_images_and_progress(tmp_path, mo
     assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
     assert ("train/loss", rows[-1]["loss"], rows[-1]["step"]) in writer.scalars
     assert not any(tag == "train/mfu" and value is None for tag, value, _ in writer.scalars)
-    assert [(tag, step) for tag, _, step in writer.images] == [("rollouts", 0)]
+    assert [(tag, step) for tag, _, step in writer.images] == [("rollouts", 0), ("eval", 2)]
     assert (tmp_path / "images" / "epoch-000000.png").is_file()
+    assert (tmp_path / "images" / "eval-epoch-000000.png").is_file()  # source | EMA edit of the 3 eval tasks
+    (evaluation,) = read_metrics(tmp_path / "eval.jsonl")
+    assert evaluation["epoch"] == 0 and evaluation["step"] == 2 and evaluation["eval_samples"] == 3
+    assert 0 <= evaluation["eval_reward"] <= 1 and evaluation["time_eval"] > 0
+    assert ("eval/eval_reward", evaluation["eval_reward"], 2) in writer.scalars
     out = capsys.readouterr().out
     assert "epoch 0 rollout: 4/4 in" in out and "epoch 0 update: 2/2 in" in out and "\r" not in out
     assert "TFLOP/s MFU" in out and "peak" in out
@@ -149,6 +154,8 @@ def test_wandb_tracker(tmp_path, monkeypatch):
     assert calls["log"][0]["loss"] == 0.5 and "mfu" not in calls["log"][0] and "nan_skipped" not in calls["log"][0]
     tracker.image("rollouts", torch.rand(3, 8, 6), step=4)
     assert calls["log"][1] == {"rollouts": (8, 6, 3), "step": 4}
+    tracker.log({"epoch": 0, "step": 4, "eval_reward": 0.25}, prefix="eval")
+    assert calls["log"][2] == {"step": 4.0, "eval/epoch": 0.0, "eval/eval_reward": 0.25}
     tracker.close()
     assert calls["finish"]
 
@@ -174,3 +181,13 @@ def test_progress_redraws_in_place_on_a_terminal_only(tmp_path, capsys):
     with off.progress("epoch 0 update", 3) as bar:
         bar.advance()
     assert capsys.readouterr().out == ""
+
+
+def test_resume_truncation_covers_metrics_and_eval_rows(tmp_path):
+    logger = MetricsLogger(tmp_path / "metrics.jsonl", echo=False)
+    for epoch in (0, 1):
+        logger.log_step({**ROW, "epoch": epoch, "step": epoch + 1})
+        logger.log_eval({"epoch": epoch, "step": epoch + 1, "eval_reward": 0.5})
+    assert logger.truncate_from(1) == 1
+    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
+    assert [r["epoch"] for r in read_metrics(tmp_path / "eval.jsonl")] == [0]

@@ -328,7 +328,9 @@ class MetricsConfig:
 class EvalConfig:
     """Periodic evaluation of the EMA weights on the test split (ALGORITHM.md §5.3)."""
 
-    every: int = option(20, "Evaluate every N epochs; 0 never.")
+    every: int = option(20, "Evaluate every N epochs (the last included); 0 never. The test split is divided "
+                            "over the ranks and the rewards all-gathered; the mean goes to the log, OUT/eval.jsonl and "
+                            "the trackers, a source | edit grid to OUT/images/eval-epoch-N.png.")
     num_steps: int = option(8, "ODE steps of the evaluation sampler.")
     solver: Literal["dpm2", "euler"] = option("euler", "Evaluation solver (nftcore.sampling.SOLVERS).")
     batch_size: int = option(16, "Images per rank per evaluation call.")

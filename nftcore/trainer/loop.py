@@ -146,6 +146,7 @@ class Trainer:
             raise NotImplementedError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not "
                                       "have yet; use 'bf16' (Edit-R1's choice) or 'no'")
         self.eval_rewards: list[tuple[int, float]] = []
+        self.last_eval: tuple[int, float, torch.Tensor] | None = None  # (epochs done, reward, rank's images)
         self.step = self.epoch = 0
         self.nan_in_a_row = self.nan_skipped = 0
         self.metrics = MetricsLogger(cfg.run.metrics_path, enabled=self.env.is_main, log_every=cfg.metrics.log_every,
@@ -221,11 +222,8 @@ class Trainer:
         self.train_epoch(epoch, rollouts, stats, times)
         eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
         every = cfg.eval.every
-        if every and (epoch + 1) % every == 0 and epoch + 1 < cfg.run.epochs:  # the last one is train.py's final eval
-            reward, _ = self.evaluate("ema")
-            self.eval_rewards.append((epoch + 1, reward))
-            self.metrics.info(f"epoch {epoch}: eval reward (EMA, {cfg.eval.num_steps} {cfg.eval.solver} steps) "
-                              f"{reward:.4f}")
+        if every and (epoch + 1) % every == 0:
+            self.periodic_eval(epoch)
         self.metrics.info(f"epoch {epoch}: reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f} over "
                           f"{stats['valid_samples']} samples, filtered {stats['filtered_fraction']:.2f}, "
                           f"dropped groups {stats['dropped_groups']}, old-policy η {eta:.3f}, "
@@ -464,25 +462,58 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ eval
 
+    def periodic_eval(self, epoch: int) -> None:
+        """The EMA model on the eval split after `epoch`: its mean reward to the log, OUT/eval.jsonl and the trackers,
+        a grid (source | edit) of the first samples to OUT/images/ and the trackers; kept as `last_eval`."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        reward, images = self.evaluate("ema")
+        self.eval_rewards.append((epoch + 1, reward))
+        self.last_eval = (epoch + 1, reward, images)
+        self.metrics.log_eval({"epoch": epoch, "step": self.step, "eval_reward": reward,
+                               "eval_samples": self.eval_count(), "time_eval": time.perf_counter() - t0})
+        rows = min(IMAGE_ROWS, images.shape[0])
+        if rows:
+            sources = self.family.source_images([self.family.eval_dataset[i] for i in range(rows)]).cpu()
+            self.metrics.log_images("eval", self.step, Path(cfg.run.out) / "images" / f"eval-epoch-{epoch:06d}.png",
+                                    sources, images[:rows])
+        self.metrics.info(f"epoch {epoch}: eval reward (EMA, {cfg.eval.num_steps} {cfg.eval.solver} steps, "
+                          f"{self.eval_count()} samples) {reward:.4f}")
+
+    def eval_count(self) -> int:
+        """Samples in one evaluation (the eval split, capped by eval.max_samples)."""
+        n = len(self.family.eval_dataset)
+        return n if not self.cfg.eval.max_samples else min(n, self.cfg.eval.max_samples)
+
     @torch.no_grad()
     def evaluate(self, weights: str = "ema", limit: int | None = None) -> tuple[float, torch.Tensor]:
-        """Mean reward on the eval split with fixed noise, and the edited images; `weights` is "ema" (the EMA swapped
-        into "default"), "live" ("default" as is) or "base" (adapters disabled). Every rank evaluates the whole
-        (small) split, so FSDP2's collectives stay in step."""
-        cfg, fam = self.cfg, self.family
+        """Mean reward on the eval split with fixed noise, and this rank's edited images (rank 0: the split's first
+        samples); `weights` is "ema" (the EMA swapped into "default"), "live" ("default" as is) or "base" (adapters
+        disabled).
+
+        The split is cut into one contiguous slice per rank and the rewards are all-gathered, as the reference does.
+        Slices are padded to equal length with copies of their last sample (scored, then dropped), so every rank
+        makes the same calls (FSDP2's collectives stay in step); the noise is drawn per sample index, so the result
+        does not depend on the number of ranks."""
+        cfg, fam, env = self.cfg, self.family, self.env
         data = fam.eval_dataset
-        count = len(data) if not cfg.eval.max_samples else min(len(data), cfg.eval.max_samples)
-        count = count if limit is None else min(count, limit)
-        samples = [data[i] for i in range(count)]
-        images, scores = [], []
-        for start in range(0, count, cfg.eval.batch_size):
-            batch = samples[start:start + cfg.eval.batch_size]
+        count = self.eval_count() if limit is None else min(self.eval_count(), limit)
+        if count == 0:
+            return float("nan"), torch.empty(0)
+        per = math.ceil(count / env.world_size)
+        first = env.rank * per
+        indices = [min(i, count - 1) for i in range(first, first + per)]
+        real = torch.tensor([i < count for i in range(first, first + per)])
+        images, scores, valid = [], [], []
+        for start in range(0, per, cfg.eval.batch_size):
+            index = indices[start:start + cfg.eval.batch_size]
+            batch = [data[i] for i in index]
             cond = fam.conditioning(batch)
-            noise = rollout_noise(cfg.run.seed, -1, list(range(start, start + len(batch))), fam.latent_shape)
+            noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape)
             sigmas = fam.sigmas(cfg.eval.num_steps)
 
             def run(which: str = "default"):
-                return solve(self.weights.velocity(cond, which), noise.to(self.env.device), sigmas,
+                return solve(self.weights.velocity(cond, which), noise.to(env.device), sigmas,
                              solver=cfg.eval.solver)
 
             with self.autocast():
@@ -497,9 +528,11 @@ class Trainer:
             result = self.reward_fn(edited, fam.source_images(batch).cpu(), [s.prompt for s in batch],
                                     [fam.reward_metadata(s) for s in batch])
             images.append(edited)
-            scores.append(result.scores[result.valid])
-        scores = torch.cat(scores)
-        return (float(scores.mean()) if scores.numel() else float("nan")), torch.cat(images)
+            scores.append(result.scores.float())
+            valid.append(result.valid & torch.isfinite(result.scores))
+        keep = all_gather_cat(torch.cat(valid) & real, env)
+        scores = all_gather_cat(torch.nan_to_num(torch.cat(scores)), env)[keep]
+        return (float(scores.double().mean()) if scores.numel() else float("nan")), torch.cat(images)[real]
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 

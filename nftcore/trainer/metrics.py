@@ -2,7 +2,8 @@
 
 Only rank 0 writes. Every row carries at least `epoch`, `step`, `loss`, `reward_mean`, `reward_std` and
 `filtered_fraction`; the rest (loss terms, grad norm, throughput, phase times, counts) is added by the loop.
-On resume, `truncate_from(epoch)` drops the rows the checkpoint does not cover, so the file reads like an
+Evaluations go to `OUT/eval.jsonl` (one object per evaluation: `epoch`, `step`, `eval_reward`, `eval_samples`).
+On resume, `truncate_from(epoch)` drops the rows of both files the checkpoint does not cover, so they read like an
 uninterrupted run's (a killed run may have logged steps past its last checkpoint).
 
 Rows also go to the trackers the config switches on (`trackers.py`: TensorBoard, wandb), and `progress(label,
@@ -29,6 +30,33 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _append(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps({k: _clean(v) for k, v in row.items()}, sort_keys=False) + "\n")
+        f.flush()
+
+
+def _truncate(path: Path, epoch: int) -> int:
+    """Keep the JSONL rows of `path` whose epoch is before `epoch`; return how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
+            dropped += 1
+            continue
+        if row.get("epoch", 0) < epoch:
+            kept.append(line)
+        else:
+            dropped += 1
+    path.write_text("".join(f"{line}\n" for line in kept))
+    return dropped
+
+
 class MetricsLogger:
     """Append-only JSONL writer plus console lines, trackers and progress; a no-op on ranks other than 0.
 
@@ -45,30 +73,19 @@ class MetricsLogger:
         self.show_progress = progress and enabled and echo
         self.tty = sys.stdout.isatty() if tty is None else tty
         self._live: Progress | None = None  # the in-place line now on screen, cleared before any other print
+        self.eval_path = self.path.with_name("eval.jsonl")
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_from(self, epoch: int) -> int:
-        """Keep only rows of epochs before `epoch` (0 removes every row); return how many rows were dropped.
+        """Keep only rows of epochs before `epoch` (0 removes every row) in the metrics and eval files; return how
+        many metrics rows were dropped.
 
         By epoch, not step: checkpoints sit at epoch boundaries, and a NaN-skipped step repeats its step number."""
-        if not self.enabled or not self.path.is_file():
+        if not self.enabled:
             return 0
-        kept, dropped = [], 0
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill -9 mid-write
-                dropped += 1
-                continue
-            if row.get("epoch", 0) < epoch:
-                kept.append(line)
-            else:
-                dropped += 1
-        self.path.write_text("".join(f"{line}\n" for line in kept))
-        return dropped
+        _truncate(self.eval_path, epoch)
+        return _truncate(self.path, epoch)
 
     def log_step(self, row: dict[str, Any]) -> None:
         """Write one optimizer step's row (every `log_every` steps) and its console line."""
@@ -77,13 +94,19 @@ class MetricsLogger:
             raise KeyError(f"metrics row lacks {missing}")
         if not self.enabled or row["step"] % self.log_every:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({k: _clean(v) for k, v in row.items()}, sort_keys=False) + "\n")
-            f.flush()
+        _append(self.path, row)
         for tracker in self.trackers:
             tracker.log(row)
         if self.echo:
             self._print(format_step(row))
+
+    def log_eval(self, row: dict[str, Any]) -> None:
+        """Write one evaluation's row (`epoch`, `step`, `eval_reward`, ...) to eval.jsonl and the trackers."""
+        if not self.enabled:
+            return
+        _append(self.eval_path, row)
+        for tracker in self.trackers:
+            tracker.log(row, prefix="eval")
 
     def info(self, message: str) -> None:
         if self.enabled and self.echo:

@@ -2,8 +2,9 @@
 `LoggerContainer`). Each is imported only when its `metrics.*` switch is on, so neither is a dependency; a switch
 that is on without its package is an error at start-up that says what to install, not a silent no-op.
 
-A tracker has `log(row)` (one metrics row: its finite numbers are logged at `row["step"]`), `image(tag, image,
-step)` (a [3, H, W] float image in [0, 1]) and `close()`. Only rank 0 builds any.
+A tracker has `log(row, prefix="train")` (one metrics row: its finite numbers are logged at `row["step"]`, under
+`train/` or, for evaluation rows, `eval/`), `image(tag, image, step)` (a [3, H, W] float image in [0, 1]) and
+`close()`. Only rank 0 builds any.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _numbers(row: dict[str, Any]) -> dict[str, float]:
 
 
 class TensorBoardTracker:
-    """Event files under OUT/tensorboard/, scalars as `train/<key>`."""
+    """Event files under OUT/tensorboard/, scalars as `train/<key>` (evaluations `eval/<key>`)."""
 
     def __init__(self, log_dir: str | Path):
         try:
@@ -34,10 +35,10 @@ class TensorBoardTracker:
                               "or turn it off with --metrics.tensorboard=false") from err
         self.writer = SummaryWriter(log_dir=str(log_dir))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], prefix: str = "train") -> None:
         step = int(row["step"])
         for key, value in _numbers(row).items():
-            self.writer.add_scalar(f"train/{key}", value, step)
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
         self.writer.flush()
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
@@ -63,9 +64,13 @@ class WandbTracker:
         self.run = wandb.init(project=cfg.metrics.wandb_project, name=cfg.run.name, config=config_to_dict(cfg),
                               dir=str(out))
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], prefix: str = "train") -> None:
         # No `step=`: a NaN-skipped step repeats its step number, which wandb would drop; "step" is a logged value.
-        self.run.log(_numbers(row))
+        # Training keys stay bare (as before); evaluation keys are `eval/<key>` beside their "step".
+        numbers = _numbers(row)
+        if prefix != "train":
+            numbers = {"step": numbers["step"], **{f"{prefix}/{k}": v for k, v in numbers.items() if k != "step"}}
+        self.run.log(numbers)
 
     def image(self, tag: str, image: torch.Tensor, step: int) -> None:
         array = (image.float().clamp(0, 1).permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
