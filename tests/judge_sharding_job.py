@@ -1,5 +1,6 @@
-"""Run by tests/test_judge_sharding.py under `torchrun --nproc_per_node=2` (gloo): every rank scores its own batches
-with the whole judge, then shards it with `shard_judge` and scores them again; writes OUT/rank-R.json.
+"""Run by tests/test_judge_sharding.py under torchrun (2 gloo ranks on CPU; NCCL, one rank per GPU, on CUDA): every
+rank scores its own batches with the whole judge, then shards it with `shard_judge` and scores them again; writes
+OUT/rank-R.json.
 
 The ranks' batches differ on purpose, so they need different numbers of vision-tower and language-model calls: rank 0
 has groups (the shared-prefix path) and an empty batch, rank 1 singles of several sizes (the one-forward path).
@@ -8,6 +9,7 @@ has groups (the shared-prefix path) and an empty batch, rank 1 singles of severa
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +35,12 @@ def batches(rank: int) -> list[tuple]:
             (edited[4:], sources[4:], prompts[4:], requirements[4:])]
 
 
-def check(folder: str, rank: int) -> dict:
+def check(folder: str, rank: int, device: torch.device) -> dict:
     scorer = MLLMScorer.from_pretrained(folder, dtype=torch.float32, min_pixels=TEST_MIN_PIXELS,
-                                        max_pixels=TEST_MAX_PIXELS, max_batch=4, vision_batch=2)
+                                        max_pixels=TEST_MAX_PIXELS, max_batch=4, vision_batch=2, device=device)
     whole = [scorer.score(*b).tolist() for b in batches(rank)]
-    layers = shard_judge(scorer, torch.device("cpu"))
+    scorer.model.cpu()  # as the trainer loads it: on the CPU, moved to the device shard by shard
+    layers = shard_judge(scorer, device)
     sharded = [scorer.score(*b).tolist() for b in batches(rank)]
     params = dict(scorer.model.named_parameters())
     local = {n: p.to_local().numel() for n, p in params.items() if isinstance(p, DTensor)}
@@ -47,9 +50,13 @@ def check(folder: str, rank: int) -> dict:
 
 def main(out: str, *folders: str) -> None:
     """OUT/rank-R.json: one result per judge folder."""
-    dist.init_process_group("gloo")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    Path(out, f"rank-{rank}.json").write_text(json.dumps([check(folder, rank) for folder in folders]))
+    Path(out, f"rank-{rank}.json").write_text(json.dumps([check(folder, rank, device) for folder in folders]))
     dist.barrier()
     dist.destroy_process_group()
 
