@@ -35,12 +35,21 @@ def batches(rank: int) -> list[tuple]:
             (edited[4:], sources[4:], prompts[4:], requirements[4:])]
 
 
-def check(folder: str, rank: int, device: torch.device) -> dict:
-    scorer = MLLMScorer.from_pretrained(folder, dtype=torch.float32, min_pixels=TEST_MIN_PIXELS,
-                                        max_pixels=TEST_MAX_PIXELS, max_batch=4, vision_batch=2, device=device)
+def load(folder: str, device) -> MLLMScorer:
+    return MLLMScorer.from_pretrained(folder, dtype=torch.float32, min_pixels=TEST_MIN_PIXELS,
+                                      max_pixels=TEST_MAX_PIXELS, max_batch=4, vision_batch=2, device=device)
+
+
+def check(folder: str, rank: int, device: torch.device, from_rank0: bool) -> dict:
+    """from_rank0: as the trainer loads it (rank 0 the weights on the CPU, the others a meta skeleton); otherwise
+    every rank's own whole copy, moved to the CPU first."""
+    scorer = load(folder, device)
     whole = [scorer.score(*b).tolist() for b in batches(rank)]
-    scorer.model.cpu()  # as the trainer loads it: on the CPU, moved to the device shard by shard
-    layers = shard_judge(scorer, device)
+    if from_rank0:
+        scorer = load(folder, "cpu" if rank == 0 else "meta")
+    else:
+        scorer.model.cpu()
+    layers = shard_judge(scorer, device, from_rank0=from_rank0)
     sharded = [scorer.score(*b).tolist() for b in batches(rank)]
     params = dict(scorer.model.named_parameters())
     local = {n: p.to_local().numel() for n, p in params.items() if isinstance(p, DTensor)}
@@ -49,14 +58,14 @@ def check(folder: str, rank: int, device: torch.device) -> dict:
 
 
 def main(out: str, *folders: str) -> None:
-    """OUT/rank-R.json: one result per judge folder."""
+    """OUT/rank-R.json: one result per judge folder: the first filled from rank 0, the others from every rank."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    Path(out, f"rank-{rank}.json").write_text(json.dumps([check(folder, rank, device) for folder in folders]))
+    Path(out, f"rank-{rank}.json").write_text(json.dumps([check(folder, rank, device, k == 0) for k, folder in enumerate(folders)]))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -66,7 +66,9 @@ def test_sharded_judge_on_two_ranks_gives_the_whole_judges_scores(tmp_path):
     """FSDP2 over 2 gloo ranks (on CUDA: NCCL, one rank per GPU, up to 2) whose batches need different numbers of
     calls (groups vs singles, an empty batch):
     no hang, the scores of the unsharded judge within fp32 rounding, each rank holding half of the sharded weights.
-    Also with the LM head tied to the token embedding (the small Qwen2.5-VL checkpoints): the head stays whole."""
+    The first judge is loaded as the trainer does (weights on rank 0 only, a meta skeleton elsewhere, shards filled
+    from rank 0); the second, with its LM head tied to the token embedding (the small Qwen2.5-VL checkpoints), from
+    every rank's own copy: the head stays whole."""
     tied = save_tiny_judge(tmp_path / "tied", build_tiny_judge(tie_word_embeddings=True))
     ranks = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2  # NCCL: one rank per GPU
     cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", str(ROOT / "tests" / "judge_sharding_job.py"),

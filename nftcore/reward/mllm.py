@@ -134,16 +134,23 @@ class MLLMScorer:
 
         dtype: default bf16 on CUDA, fp32 elsewhere (bf16 matmuls are slow on most CPUs). min/max_pixels: the
         image processor's smart_resize bounds (stock: 56*56 .. 28*28*1280; 512x512 -> 324 tokens per image).
+        device "meta": the model's shapes only, no weights read (a sharded judge's ranks other than 0, filled from
+        rank 0 by `nftcore.trainer.inference_sharding.shard_judge`).
         Other kwargs (rubric, max_batch, vision_batch, share_prefix) go to the constructor.
         """
-        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
 
         from nftcore.utils.qwen_vl import load_image_processor, load_tokenizer
 
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            str(folder), dtype=dtype, attn_implementation=attn_implementation).to(device)
+        if device.type == "meta":
+            with device:
+                model = Qwen2_5_VLForConditionalGeneration._from_config(
+                    AutoConfig.from_pretrained(str(folder)), dtype=dtype, attn_implementation=attn_implementation)
+        else:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                str(folder), dtype=dtype, attn_implementation=attn_implementation).to(device)
         model.requires_grad_(False)
         tokenizer = load_tokenizer(folder)
         image_processor = load_image_processor(folder, min_pixels=min_pixels, max_pixels=max_pixels)

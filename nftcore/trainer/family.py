@@ -234,13 +234,15 @@ def build_reward(cfg: TrainConfig, family: PolicyFamily) -> Callable[..., Reward
     dtype = MODEL_DTYPES.get(r.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     shard = cfg.parallel.shard_reward_model and world > 1
-    # Sharded: loaded on the CPU and moved to the device one shard group at a time (see shard_judge).
-    scorer = MLLMScorer.from_pretrained(r.model, dtype=dtype, device="cpu" if shard else device,
-                                        min_pixels=r.min_pixels or None, max_pixels=r.max_pixels or None)
+    # Sharded: rank 0 loads the weights on the CPU, the other ranks only the shapes; shard_judge fills every rank's
+    # shards from rank 0 and moves them to the device one group at a time.
+    load_on = device if not shard else "cpu" if dist.get_rank() == 0 else "meta"
+    scorer = MLLMScorer.from_pretrained(r.model, dtype=dtype, device=load_on, min_pixels=r.min_pixels or None,
+                                        max_pixels=r.max_pixels or None)
     if shard:
         from nftcore.trainer.inference_sharding import shard_judge
 
-        layers = shard_judge(scorer, device)
+        layers = shard_judge(scorer, device, from_rank0=True)
         if dist.get_rank() == 0:
             print(f"# reward model: FSDP2-sharded over {world} ranks ({layers} layer groups); scoring runs in step "
                   "on the main thread", flush=True)

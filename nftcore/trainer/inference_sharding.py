@@ -65,37 +65,49 @@ def shard_text_encoders(family_model, device) -> list[str]:
     return names
 
 
-def shard_judge(scorer, device: torch.device) -> int:
+def shard_judge(scorer, device: torch.device, *, from_rank0: bool = False) -> int:
     """Shard an `nftcore.reward.MLLMScorer`'s Qwen2.5-VL over all ranks and put the scorer in lockstep; returns the
     number of layer groups.
 
     The scorer calls the vision tower and the language model directly (never the model's own forward), so each is
     a root: the layers, then `visual` (with its patch embedding and merger) and `language_model` (with the token
     embedding and the final norm). The LM head stays whole on every rank: `score_logits` reads its answer rows
-    directly (vocab x hidden, 1.6 GB in bf16 for the 32B judge). The model may come in on the CPU: `fully_shard`
-    moves what it shards to `device` one group at a time and the LM head is moved after, so a rank never holds the
-    whole judge on its GPU.
+    directly (vocab x hidden, 1.6 GB in bf16 for the 32B judge).
+
+    Where the weights come from: with `from_rank0`, rank 0 holds the loaded judge on the CPU and every other rank a
+    weightless skeleton (`MLLMScorer.from_pretrained(..., device="meta")`); the shards are filled from rank 0's
+    copy one tensor at a time (`set_model_state_dict(broadcast_from_rank0=True)`), so the node needs one judge's
+    worth of host memory, not one per rank. Otherwise every rank brings its own full copy (on the CPU or anywhere).
+    Either way `fully_shard` moves what it shards to `device` one group at a time, so no rank ever holds the whole
+    judge on its GPU.
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
+    model = scorer.model
     mesh = _world_mesh(device)
-    inner = scorer.model.model
+    group = mesh.get_group()
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # rank 0's whole weights, pre-sharding
+    skeleton = any(p.is_meta for p in model.parameters())
+    if skeleton and not from_rank0:
+        raise ValueError("shard_judge: this rank's judge has no weights (meta device); pass from_rank0=True and "
+                         "load the weights on rank 0")
+    inner = model.model
     count = _shard_layers(inner, mesh)
     for root in (inner.visual, inner.language_model):
         fully_shard(root, mesh=mesh, reshard_after_forward=True)
-    moved: dict[int, nn.Parameter] = {}  # a tied weight stays one tensor
-    for module in scorer.model.modules():  # what FSDP2 does not manage: the LM head (and a tied embedding)
-        for name, p in module.named_parameters(recurse=False):
-            if not isinstance(p, DTensor) and p.device != device:
-                if id(p) not in moved:
-                    moved[id(p)] = nn.Parameter(p.to(device), requires_grad=False)
-                setattr(module, name, moved[id(p)])
-        for name, b in module.named_buffers(recurse=False):
-            if b.device != device:
-                module._buffers[name] = b.to(device)
-    group = mesh.get_group()
+    if skeleton:
+        model.to_empty(device=device)  # storage for the shards and the rest; filled from rank 0 below
+    else:
+        _move_unsharded(model, device, DTensor)
+    if from_rank0:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
+        for buffer in model.buffers():  # non-persistent buffers (rotary frequencies) are not in the state dict
+            dist.broadcast(buffer, src=dist.get_global_rank(group, 0), group=group)
 
     def lockstep(counts: tuple[int, int]) -> tuple[int, int]:
         t = torch.tensor(counts, dtype=torch.int64, device=device)
@@ -104,3 +116,17 @@ def shard_judge(scorer, device: torch.device) -> int:
 
     scorer.lockstep = lockstep
     return count
+
+
+def _move_unsharded(model: nn.Module, device: torch.device, dtensor_type) -> None:
+    """Move what FSDP2 does not manage (the LM head, a tied embedding, stray buffers) to `device`."""
+    moved: dict[int, nn.Parameter] = {}  # a tied weight stays one tensor
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not isinstance(p, dtensor_type) and p.device != device:
+                if id(p) not in moved:
+                    moved[id(p)] = nn.Parameter(p.to(device), requires_grad=False)
+                setattr(module, name, moved[id(p)])
+        for name, b in module.named_buffers(recurse=False):
+            if b.device != device:
+                module._buffers[name] = b.to(device)
