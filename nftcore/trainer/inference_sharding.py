@@ -8,7 +8,7 @@ holds 1 / world_size of the weights plus about one layer's gathered weights whil
 Why it is safe in this trainer: FSDP2's forward is a collective, so every rank must make the same calls in the same
 order, from one thread.
 - Encoders: conditioning is computed once per rollout batch and every rank has the same number of batches (the
-  batch plan); evaluation runs the whole eval split on every rank.
+  batch plan); evaluation gives every rank an equal slice of the eval split (padded).
 - Judge: each rank scores the same number of batches, but how many vision-tower and language-model calls a batch
   needs depends on its images and groups, so the scorer runs in lockstep (`MLLMScorer.lockstep`: one all-reduce of
   the call counts per batch, then one-token dummy calls up to the maximum). The trainer also scores on the main
