@@ -86,3 +86,15 @@ def test_sharded_judge_on_two_ranks_gives_the_whole_judges_scores(tmp_path):
             assert out["layers"] == 2 + 1  # 2 decoder layers + 1 vision block
             assert out["local"] * ranks == pytest.approx(out["full"], rel=0.01)  # dim-0 shards, odd rows rounded up
             assert out["unsharded"] == ["lm_head.weight"]
+
+
+def test_a_weightless_judge_must_be_filled_from_rank0():
+    """A meta-device skeleton (what ranks other than 0 load) sharded on its own would score with garbage: refused
+    before any collective."""
+    from nftcore.reward import MLLMScorer
+    from nftcore.trainer.inference_sharding import shard_judge
+
+    skeleton = MLLMScorer.from_pretrained(tiny_judge_folder(), device="meta")
+    assert all(p.is_meta for p in skeleton.model.parameters())
+    with pytest.raises(ValueError, match="this rank's judge has no weights .meta device.; pass from_rank0=True"):
+        shard_judge(skeleton, torch.device("cpu"))

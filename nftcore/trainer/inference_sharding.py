@@ -86,13 +86,13 @@ def shard_judge(scorer, device: torch.device, *, from_rank0: bool = False) -> in
     from torch.distributed.tensor import DTensor
 
     model = scorer.model
-    mesh = _world_mesh(device)
-    group = mesh.get_group()
-    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # rank 0's whole weights, pre-sharding
     skeleton = any(p.is_meta for p in model.parameters())
     if skeleton and not from_rank0:
         raise ValueError("shard_judge: this rank's judge has no weights (meta device); pass from_rank0=True and "
                          "load the weights on rank 0")
+    mesh = _world_mesh(device)
+    group = mesh.get_group()
+    full = model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}  # rank 0's whole weights, pre-sharding
     inner = model.model
     count = _shard_layers(inner, mesh)
     for root in (inner.visual, inner.language_model):

@@ -473,7 +473,7 @@ class Trainer:
         self.metrics.log_eval({"epoch": epoch, "step": self.step, "eval_reward": reward,
                                "eval_samples": self.eval_count(), "time_eval": time.perf_counter() - t0})
         rows = min(IMAGE_ROWS, images.shape[0])
-        if rows:
+        if rows and self.env.is_main:  # rank 0 holds the split's first samples; the grid is only written there
             sources = self.family.source_images([self.family.eval_dataset[i] for i in range(rows)]).cpu()
             self.metrics.log_images("eval", self.step, Path(cfg.run.out) / "images" / f"eval-epoch-{epoch:06d}.png",
                                     sources, images[:rows])
