@@ -54,7 +54,7 @@ from nftcore.trainer.distributed import (
     loss_scale_for_reduction,
     shard_transformer,
 )
-from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights
+from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights, judge_is_sharded
 from nftcore.trainer.metrics import MetricsLogger
 from nftcore.trainer.perf import FlopCounter, peak_memory_gb, reset_peak_memory, throughput
 from nftcore.trainer.trackers import build_trackers
@@ -126,8 +126,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
         torch.manual_seed(cfg.run.seed)
         self.family = family or build_family(cfg, self.env.device)
-        self.reward_fn = reward_fn or build_reward(cfg, self.family)
-        self.score_in_step = cfg.parallel.shard_reward_model and self.env.world_size > 1
+        self.reward_fn = reward_fn or build_reward(cfg, self.family, self.env)
+        self.score_in_step = judge_is_sharded(cfg, self.env)
         self.loss_fn, self.max_nan_steps = loss_fn, max_nan_steps
         self.model = self.family.transformer
         self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"), finetune)
