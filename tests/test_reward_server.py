@@ -11,27 +11,29 @@ import json
 import math
 import socket
 import threading
-import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nftcore.reward import HTTPReward, MLLMReward
+from nftcore.reward import HTTPReward, MLLMReward, http_client
 from nftcore.reward.http_client import encode_image
 from nftcore.reward.server import RewardServer
 from tests.reward_fixtures import grouped_batch, random_images, tiny_scorer
 
 
 class FakeScorer:
-    """score = len(prompt) / 100, or NaN for the prompt "nan"; raises on the prompt "boom"; records batch sizes."""
+    """score = len(prompt) / 100, or NaN for the prompt "nan"; raises on the prompt "boom"; records batch sizes.
+    With a `gate`, every call first waits until the test opens it (a judge that hangs until told otherwise)."""
 
-    def __init__(self, delay: float = 0.0):
-        self.delay = delay
+    def __init__(self, gate: threading.Event | None = None):
+        self.gate = gate
         self.batches: list[int] = []
 
     def score(self, edited, sources, prompts, requirements):
         assert len(edited) == len(sources) == len(prompts) == len(requirements)
-        time.sleep(self.delay)
+        if self.gate is not None:
+            self.gate.wait()
         if "boom" in prompts:
             raise RuntimeError("the judge exploded")
         self.batches.append(len(prompts))
@@ -89,8 +91,10 @@ def test_remote_scores_equal_in_process_scores():
 
 
 def test_concurrent_requests_are_batched_and_split_back():
-    fake = FakeScorer(delay=0.05)
-    with RewardServer(fake, port=0, max_batch=64, batch_wait_ms=300) as server:
+    fake = FakeScorer()
+    # max_batch = the 10 samples of the 4 requests: the worker's gathering ends when the batch is full, not on a clock
+    # (the long batch wait only bounds a failure)
+    with RewardServer(fake, port=0, max_batch=10, batch_wait_ms=60_000) as server:
         client = HTTPReward(server.url, timeout=10, retries=0)
         prompts = [["a" * (k + 1)] * (k + 1) for k in range(4)]  # request k: k+1 samples scoring (k+1)/100
         results = [None] * 4
@@ -102,13 +106,14 @@ def test_concurrent_requests_are_batched_and_split_back():
             t.join()
     for k, res in enumerate(results):
         assert res.valid.all() and torch.allclose(res.scores, torch.full((k + 1,), (k + 1) / 100))
-    assert sum(fake.batches) == 10 and len(fake.batches) < 4, f"requests were not gathered: {fake.batches}"
+    assert fake.batches == [10], f"requests were not gathered: {fake.batches}"
 
 
 def test_failed_request_does_not_fail_its_batch_neighbours_and_nan_is_invalid():
     fake = FakeScorer()
-    with RewardServer(fake, port=0, batch_wait_ms=200) as server:
-        client = HTTPReward(server.url, timeout=10, retries=1, backoff=0.01)
+    # max_batch = both requests' samples: they are gathered into one scorer call (see the test above)
+    with RewardServer(fake, port=0, max_batch=4, batch_wait_ms=60_000) as server:
+        client = HTTPReward(server.url, timeout=10, retries=0)
         out = {}
         threads = [threading.Thread(target=lambda name=name, p=p: out.__setitem__(name, client(*small_batch(p))))
                    for name, p in (("good", ["ok", "fine"]), ("bad", ["boom", "x"]))]
@@ -119,44 +124,64 @@ def test_failed_request_does_not_fail_its_batch_neighbours_and_nan_is_invalid():
         assert out["good"].valid.all() and torch.allclose(out["good"].scores, torch.tensor([0.02, 0.04]))
         assert not out["bad"].valid.any() and torch.isnan(out["bad"].scores).all()
         assert "HTTP 500" in out["bad"].errors[0] and "exploded" in out["bad"].errors[0]
+        assert fake.batches == [2], "the gathered batch failed, then each request was scored alone"
+        server.worker.batch_wait = 0.0  # a lone request from here on
         res = client(*small_batch(["nan", "abc"]))  # a non-finite judge output travels as null -> invalid
         assert res.valid.tolist() == [False, True] and math.isnan(res.scores[0]) and res.scores[1] == 0.03
 
 
-def test_killed_server_gives_invalid_samples_after_bounded_retries():
+def count_attempts(client: HTTPReward) -> list:
+    """Record each HTTP attempt `client` makes (its path), without changing what the attempt does."""
+    attempts, post = [], client._post
+    client._post = lambda path, body: (attempts.append(path), post(path, body))[1]
+    return attempts
+
+
+def record_backoffs(monkeypatch) -> list:
+    """The client's backoff waits, recorded instead of slept."""
+    waits = []
+    monkeypatch.setattr(http_client, "time", SimpleNamespace(sleep=waits.append))
+    return waits
+
+
+def test_killed_server_gives_invalid_samples_after_bounded_retries(monkeypatch):
     server = RewardServer(FakeScorer(), port=0).start()
     url = server.url
     assert HTTPReward(url, timeout=5, retries=0)(*small_batch(["abc"])).valid.all()
     server.close()
+    waits = record_backoffs(monkeypatch)
     client = HTTPReward(url, timeout=1, retries=2, backoff=0.05)
-    t0 = time.monotonic()
+    attempts = count_attempts(client)
     res = client(*small_batch(["a", "b", "c"]))
-    elapsed = time.monotonic() - t0
     assert not res.valid.any() and torch.isnan(res.scores).all(), "a failed sample must be NaN, never 0.0"
     assert res.num_invalid == 3 and "refused" in res.errors[0].lower()
-    assert 0.15 <= elapsed < 5, f"expected 2 backoffs of 0.05 + 0.1 s, took {elapsed:.2f} s"
+    assert len(attempts) == 3 and waits == [0.05, 0.1], "1 + 2 retries, exponential backoff"
 
 
-def test_hanging_server_gives_invalid_samples_after_timeouts():
+def test_hanging_server_gives_invalid_samples_after_timeouts(monkeypatch):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(8)  # accepts connections (kernel backlog) but never answers
+    waits = record_backoffs(monkeypatch)
     try:
         url = f"http://127.0.0.1:{listener.getsockname()[1]}"
         client = HTTPReward(url, timeout=0.3, retries=1, backoff=0.01)
-        t0 = time.monotonic()
+        attempts = count_attempts(client)
         res = client(*small_batch(["a", "b"]))
-        elapsed = time.monotonic() - t0
     finally:
         listener.close()
     assert not res.valid.any() and torch.isnan(res.scores).all()
     assert "timed out" in res.errors[0].lower()
-    assert 0.6 <= elapsed < 3, f"expected 2 attempts of 0.3 s, took {elapsed:.2f} s"
+    assert len(attempts) == 2 and waits == [0.01]
 
 
 def test_hanging_scorer_gives_503_then_invalid():
-    with RewardServer(FakeScorer(delay=1.0), port=0, request_timeout=0.2) as server:
-        res = HTTPReward(server.url, timeout=5, retries=0)(*small_batch(["a"]))
+    gate = threading.Event()  # the judge hangs until the test has its answer
+    with RewardServer(FakeScorer(gate), port=0, request_timeout=0.2) as server:
+        try:
+            res = HTTPReward(server.url, timeout=5, retries=0)(*small_batch(["a"]))
+        finally:
+            gate.set()
     assert not res.valid.any() and "HTTP 503" in res.errors[0]
 
 
@@ -198,7 +223,7 @@ def test_oversized_missing_length_and_unknown_path():
         conn.close()
         # the client does not retry a 4xx: one attempt, invalid result
         client = HTTPReward(server.url, timeout=5, retries=3, backoff=1.0)
+        attempts = count_attempts(client)
         server.max_body_bytes = 100
-        t0 = time.monotonic()
         res = client(*small_batch(["a"]))
-        assert not res.valid.any() and time.monotonic() - t0 < 1.0
+        assert not res.valid.any() and len(attempts) == 1 and "HTTP 413" in res.reasons[0]

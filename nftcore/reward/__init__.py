@@ -9,10 +9,11 @@ The judge is separate from the policy: nothing here imports `nftcore.models`. Im
 PIL and `nftcore.ops`; transformers is imported when a model is loaded.
 """
 
-from .base import RewardFn, RewardResult, WeightedSum
+from .base import RewardFn, RewardResult, WeightedSum, format_error_summary, summarize_errors
 from .http_client import HTTPReward
 from .mllm import MLLMReward, MLLMScorer, answer_token_ids
 from .prompt import DIGIT_RUBRIC, YES_NO_RUBRIC, Rubric, digit_rubric
 
 __all__ = ["DIGIT_RUBRIC", "HTTPReward", "MLLMReward", "MLLMScorer", "RewardFn", "RewardResult", "Rubric",
-           "WeightedSum", "YES_NO_RUBRIC", "answer_token_ids", "digit_rubric"]
+           "WeightedSum", "YES_NO_RUBRIC", "answer_token_ids", "digit_rubric", "format_error_summary",
+           "summarize_errors"]

@@ -1,9 +1,13 @@
 """One interface for every reward: `reward_fn(edited, sources, prompts, metadata) -> RewardResult`.
 
 Why a validity mask: Edit-R1 turns any scoring failure into a score of 0.0, which then enters the group statistics
-as a real, very bad sample (ALGORITHM.md sections 3.1 and 11.4). Here a failed sample is *invalid*: its score is NaN
-and `valid` is False, so the trainer can drop (and count) its group instead of learning from a fake zero. NaN also
-makes an accidental use of an invalid score loud instead of silent.
+as a real, very bad sample. Here a failed sample is *invalid*: its score is NaN and `valid` is False, so the trainer
+can drop (and count) its group instead of learning from a fake zero. NaN also makes an accidental use of an invalid
+score loud instead of silent.
+
+Why each invalid sample carries a reason (`RewardResult.reasons`): a run that loses a tenth of its rewards must say
+why, once per epoch, without a log line per sample. `summarize_errors(results)` counts the invalid samples of an
+epoch by reason and `format_error_summary(counts)` makes that one log line.
 
 The argument order mirrors the peers' `_fn(images, ref_images, prompts, metadatas)` and TRL's callable rewards:
 - edited: the B edited images (PIL images, HWC uint8 arrays, or a [B, 3, H, W] / list of [3, H, W] tensors, float
@@ -16,8 +20,9 @@ The argument order mirrors the peers' `_fn(images, ref_images, prompts, metadata
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -27,29 +32,40 @@ from PIL import Image
 @dataclass(frozen=True)
 class RewardResult:
     """Scores [B] float32 (NaN where invalid) and valid [B] bool; `details` holds named per-sample parts [B]
-    (e.g. each term of a weighted sum), `errors` one message per distinct failure, for logging."""
+    (e.g. each term of a weighted sum), `errors` one message per distinct failure (with sample indices, for a
+    reader), `reasons` why each sample is invalid ([B], None where valid; () when the reward gives none), worded
+    without sample indices so that equal causes count together in `summarize_errors`."""
 
     scores: torch.Tensor
     valid: torch.Tensor
     details: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    reasons: tuple[str | None, ...] = ()
 
     def __post_init__(self):
         if self.scores.dim() != 1 or self.valid.shape != self.scores.shape or self.valid.dtype != torch.bool:
             raise ValueError(f"RewardResult needs scores [B] and a bool valid [B], got {tuple(self.scores.shape)} "
                              f"and {tuple(self.valid.shape)} {self.valid.dtype}")
+        if self.reasons and len(self.reasons) != len(self.scores):
+            raise ValueError(f"RewardResult.reasons must hold one entry per sample ({len(self.scores)}), "
+                             f"got {len(self.reasons)}")
 
     @classmethod
     def from_scores(cls, scores: Sequence[float] | torch.Tensor, **kwargs) -> "RewardResult":
-        """Valid where the score is finite; non-finite scores (a NaN from the judge) become invalid NaNs."""
+        """Valid where the score is finite; non-finite scores (a NaN from the judge) become invalid NaNs, with the
+        reason NONFINITE_REASON unless `reasons` names one."""
         s = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).cpu()
         valid = torch.isfinite(s)
-        return cls(torch.where(valid, s, torch.nan), valid, **kwargs)
+        given = tuple(kwargs.pop("reasons", ()) or (None,) * len(s))
+        if len(given) != len(s):
+            raise ValueError(f"from_scores: {len(given)} reasons for {len(s)} scores")
+        reasons = tuple(r if ok else r or NONFINITE_REASON for r, ok in zip(given, valid.tolist()))
+        return cls(torch.where(valid, s, torch.nan), valid, reasons=reasons if any(reasons) else (), **kwargs)
 
     @classmethod
     def invalid(cls, n: int, error: str) -> "RewardResult":
         """All n samples failed, for the reason `error`."""
-        return cls(torch.full((n,), math.nan), torch.zeros(n, dtype=torch.bool), errors=(error,))
+        return cls(torch.full((n,), math.nan), torch.zeros(n, dtype=torch.bool), errors=(error,), reasons=(error,) * n)
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -57,6 +73,47 @@ class RewardResult:
     @property
     def num_invalid(self) -> int:
         return int((~self.valid).sum())
+
+    def sample_reasons(self) -> list[str | None]:
+        """Why each sample is unusable (None where it is usable): its own reason, else this result's errors joined
+        (a reward that gives no per-sample reasons), else NONFINITE_REASON / "no reason given"."""
+        fallback = "; ".join(self.errors) or "no reason given"
+        usable = (self.valid & torch.isfinite(self.scores)).tolist()  # what the trainer keeps
+        own = self.reasons or (None,) * len(usable)
+        return [None if ok else (r or (fallback if not v else NONFINITE_REASON))
+                for ok, v, r in zip(usable, self.valid.tolist(), own)]
+
+
+NONFINITE_REASON = "non-finite score"
+MAX_REASON_CHARS = 300  # one reason stays readable in a one-line summary
+
+
+def summarize_errors(results: Iterable[RewardResult]) -> dict[str, int]:
+    """Invalid samples counted by reason over `results` (e.g. one epoch's), most frequent first.
+
+    A reason is normalised (whitespace runs collapsed, cut at MAX_REASON_CHARS) so that a multi-line server
+    message counts as one key; an empty dict means every sample was usable."""
+    counts: Counter[str] = Counter()
+    for result in results:
+        for reason in result.sample_reasons():
+            if reason is not None:
+                counts[_normalise_reason(reason)] += 1
+    return dict(counts.most_common())
+
+
+def format_error_summary(counts: Mapping[str, int]) -> str:
+    """`summarize_errors`'s counts as one log line: "5 invalid rewards: 3 x HTTP 503: ...; 2 x non-finite score"
+    (most frequent first); "no invalid rewards" when empty."""
+    if not counts:
+        return "no invalid rewards"
+    total = sum(counts.values())
+    parts = "; ".join(f"{n} x {reason}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{total} invalid reward{'s' if total != 1 else ''}: {parts}"
+
+
+def _normalise_reason(reason: str) -> str:
+    reason = " ".join(str(reason).split())
+    return reason if len(reason) <= MAX_REASON_CHARS else reason[:MAX_REASON_CHARS - 3] + "..."
 
 
 class RewardFn(Protocol):
@@ -85,6 +142,7 @@ class WeightedSum:
         total = torch.zeros(n)
         valid = torch.ones(n, dtype=torch.bool)
         details, errors = {}, []
+        reasons: list[list[str]] = [[] for _ in range(n)]  # each sample's failed parts, "name: reason"
         for name, (fn, weight) in self.parts.items():
             part = fn(edited, sources, prompts, metadata)
             if len(part) != n:
@@ -93,7 +151,12 @@ class WeightedSum:
             valid &= part.valid
             total += weight * torch.where(part.valid, part.scores, 0.0)  # masked below; avoids NaN * 0 = NaN
             errors += [f"{name}: {e}" for e in part.errors]
-        return RewardResult(torch.where(valid, total, torch.nan), valid, details, tuple(errors))
+            for mine, why in zip(reasons, part.sample_reasons()):
+                if why is not None:
+                    mine.append(f"{name}: {why}")
+        joined = tuple("; ".join(r) or None for r in reasons)
+        return RewardResult(torch.where(valid, total, torch.nan), valid, details, tuple(errors),
+                            joined if any(joined) else ())
 
 
 def check_batch(edited: Sequence[Any], sources: Sequence[Any], prompts: Sequence[str],
