@@ -65,7 +65,7 @@ def run_one(arm: str, seed: int, out: Path, trainer_args: list[str], threads: in
     run_dir = out / f"{arm}-seed{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "nftcore.train", *trainer_args, *ARMS[arm], f"--run.seed={seed}",
-           f"--run.out={run_dir}", "--metrics.progress=false"]
+           f"--run.out={run_dir}", "--run.overwrite=true", "--metrics.progress=false"]  # a rerun redoes the arm
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -137,7 +137,7 @@ class TimedReward:
 
 def demo_args(out: Path, smoke: bool) -> list[str]:
     """The demo recipe as it is, minus evaluation, progress bars and checkpoints (not part of an epoch)."""
-    args = ["--config=demo", f"--run.out={out}", "--eval.every=0", "--metrics.progress=false",
+    args = ["--config=demo", f"--run.out={out}", "--run.overwrite=true", "--eval.every=0", "--metrics.progress=false",
             "--metrics.image_every=0", "--checkpoint.save_every=0"]
     if smoke:
         args += ["--model.path=tiny", "--sampling.group_size=2", "--sampling.groups_per_epoch=2",
@@ -167,7 +167,7 @@ def kontext_args(out: Path, folder: Path, data: Path, judge: Path, device: torch
     """`kontext_edit_r1` with the sizes shrunk to a tiny pipeline; everything else is the recipe's."""
     size, k, g, bsz, steps = (32, 2, 2, 2, 2) if smoke else (128, 4, 2, 2, 6)
     dtype = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmuls are slow on most CPUs
-    return ["--config=kontext_edit_r1", f"--run.out={out}", f"--model.path={folder}", f"--model.dtype={dtype}",
+    return ["--config=kontext_edit_r1", f"--run.out={out}", "--run.overwrite=true", f"--model.path={folder}", f"--model.dtype={dtype}",
             f"--data.path={data}", "--data.num_workers=0", f"--sampling.resolution={size}",
             f"--sampling.group_size={k}", f"--sampling.groups_per_epoch={g}", f"--sampling.batch_size={bsz}",
             f"--sampling.num_steps={steps}", "--lora.rank=4", "--lora.alpha=8", "--reward.backend=local",

@@ -3,6 +3,7 @@ and the deterministic, rank-independent epoch sampler."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 from nftcore.data import (
+    IMAGE_FORMATS,
     DatasetError,
     EditDataset,
     EditSample,
+    ImageDecodeError,
     center_crop_resize,
     epoch_indices,
     sample_key,
@@ -112,6 +115,9 @@ BAD_LINES = [
     (_row(prompt="   "), "empty prompt"),
     (_row(image=""), "empty image path"),
     (_row(image="/etc/passwd"), "must be relative"),
+    (_row(image="../c.png"), "outside the dataset directory"),
+    (_row(image="images/../../c.png"), "outside the dataset directory"),
+    (_row(image="images\\..\\..\\c.png"), "outside the dataset directory"),
     (_row(image="images/missing.png"), "image not found"),
     (_row(image="./images/c.png"), "duplicate sample: same image and prompt as line 1"),
     (b'{"prompt": "caf\xe9", "image": "images/a.png", "requirement": ""}', "not valid UTF-8"),
@@ -212,3 +218,178 @@ def test_trainer_data_bad_lines_option(root: Path):
         _datasets(load_config(args))
     train, test = _datasets(load_config([*args, "--data.bad_lines", "skip"]))
     assert len(train.records) == 2 and [line for line, _ in train.skipped] == [2] and test is None
+
+
+# ---------------------------------------------------------------------------------------------- paths and images
+
+
+def test_image_paths_must_stay_inside_the_dataset_folder(tmp_path: Path):
+    root = tmp_path / "dataset"
+    _image(root / "images" / "a.png")
+    _image(tmp_path / "secret.png")  # exists, so only the escape can make these lines bad
+    lines = [_row(), _row("../secret.png"), _row("images/../../secret.png"), _row("images/./../images/a.png", "x")]
+    path = _write(root, lines)
+    with pytest.raises(DatasetError, match="^" + re.escape(f"{path}:2: image path '../secret.png'")) as info:
+        EditDataset(root)
+    assert "outside the dataset directory" in str(info.value)
+    ds = EditDataset(root, on_error="skip")
+    assert [r.line for r in ds.records] == [1, 4] and [line for line, _ in ds.skipped] == [2, 3]
+    assert ds.records[1].image == "images/a.png"  # normalised, and still inside: fine
+
+
+def test_a_symlink_inside_the_folder_may_point_anywhere(tmp_path: Path):
+    """Only the written path is checked: a link the dataset's owner placed inside the folder is their choice."""
+    root = tmp_path / "dataset"
+    _image(tmp_path / "shared" / "a.png")
+    (root / "images").mkdir(parents=True)
+    try:
+        (root / "images" / "a.png").symlink_to(tmp_path / "shared" / "a.png")
+    except OSError:
+        pytest.skip("no symlinks here")
+    _write(root, [_row()])
+    assert EditDataset(root, resolution=4)[0].image.size == (4, 4)
+
+
+def _encoded(fmt: str, size=(24, 16), noise: bool = False, **save) -> bytes:
+    array = np.random.RandomState(0).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8) if noise else None
+    image = Image.fromarray(array) if noise else Image.new("RGB", size, (10, 200, 30))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+CORRUPT_IMAGES = {
+    "truncated": lambda: _encoded("PNG", (64, 64), noise=True)[:-200],
+    "garbage": lambda: b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
+    "zero-size": lambda: b"",
+    "bad EXIF": lambda: _encoded("PNG", exif=b"Exif\x00\x00garbage!!"),  # PIL raises SyntaxError from the EXIF parser
+    "GIF": lambda: _encoded("GIF"),  # a real image, but not a format the dataset reads
+    "BMP": lambda: _encoded("BMP"),
+    "TIFF": lambda: _encoded("TIFF"),
+    "EPS": lambda: b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n",
+}
+
+
+@pytest.mark.parametrize("kind", CORRUPT_IMAGES)
+def test_any_decode_failure_is_an_image_decode_error_naming_the_line(root: Path, kind: str):
+    (root / "images" / "broken.png").write_bytes(CORRUPT_IMAGES[kind]())
+    path = _write(root, [_row(), _row("images/broken.png")])
+    ds = EditDataset(root)
+    for read in (ds.__getitem__, ds.load_image):
+        with pytest.raises(ImageDecodeError) as info:
+            read(1)
+        error = info.value
+        assert isinstance(error, DatasetError) and isinstance(error, ValueError)
+        assert str(error).startswith(f"{path}:2: cannot read image {root / 'images' / 'broken.png'}: "), str(error)
+        assert (error.line, error.index, error.sample_id) == (2, 1, ds.sample_ids[1])
+        assert error.image_path == root / "images" / "broken.png"
+    if kind in ("GIF", "BMP", "TIFF", "EPS"):
+        assert "not a PNG, JPEG or WEBP image" in str(error), str(error)
+    stand_in = ds.placeholder(1)  # what a trainer can roll out instead, then drop
+    assert (stand_in.sample_id, stand_in.prompt) == (ds.sample_ids[1], ds.records[1].prompt)
+    assert stand_in.image.size == (512, 512) and stand_in.image.mode == "RGB"
+
+
+def test_decompression_bomb_is_an_image_decode_error(root: Path, monkeypatch):
+    _write(root, [_row()])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 24 * 16 // 4)  # twice that is still below the 384 pixels
+    with pytest.raises(ImageDecodeError, match=":1: cannot read image .*decompression bomb"):
+        EditDataset(root)[0]
+
+
+def test_only_the_allowed_formats_plugins_ever_see_a_file(root: Path, monkeypatch):
+    """A file is tried only by the PNG, JPEG and WEBP decoders: e.g. PIL's EPS plugin, which runs Ghostscript on the
+    file, must never be reached, whatever the file's name or content."""
+    Image.init()
+    called = []
+    for fmt in list(Image.OPEN):
+        if fmt not in IMAGE_FORMATS:
+            factory, accept = Image.OPEN[fmt]
+            monkeypatch.setitem(Image.OPEN, fmt, (lambda *a, _f=fmt, **k: called.append(_f) or 1 / 0, accept))
+    for name, kind in (("a.eps", "EPS"), ("b.png", "EPS"), ("c.gif", "GIF"), ("d.tif", "TIFF")):
+        (root / "images" / name).write_bytes(CORRUPT_IMAGES[kind]())
+    _write(root, [_row(f"images/{n}") for n in ("a.eps", "b.png", "c.gif", "d.tif")])
+    ds = EditDataset(root)
+    for index in range(len(ds)):
+        with pytest.raises(ImageDecodeError, match="not a PNG, JPEG or WEBP image"):
+            ds[index]
+    assert called == []
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
+def test_allowed_formats_decode(root: Path, fmt: str, suffix: str):
+    (root / "images" / f"x.{suffix}").write_bytes(_encoded(fmt))
+    _write(root, [_row(f"images/x.{suffix}")])
+    image = EditDataset(root, resolution=4, verify_images=True)[0].image
+    assert image.size == (4, 4) and image.mode == "RGB"
+
+
+def _with_broken_images(root: Path) -> Path:
+    (root / "images" / "broken.png").write_bytes(b"")
+    (root / "images" / "cut.png").write_bytes(_encoded("PNG", (64, 64), noise=True)[:-200])
+    return _write(root, [_row(), _row("images/broken.png"), _row("images/b.png"), "not json", _row("images/cut.png"),
+                         _row("images/c.png")])
+
+
+def test_verify_images_raises_naming_the_first_bad_file_and_counting_the_rest(root: Path):
+    (root / "images" / "broken.png").write_bytes(b"")
+    (root / "images" / "cut.png").write_bytes(_encoded("PNG", (64, 64), noise=True)[:-200])
+    path = _write(root, [_row(), _row("images/broken.png"), _row("images/b.png"), _row("images/cut.png")])
+    assert len(EditDataset(root)) == 4  # existence is all construction checks without verification
+    with pytest.raises(ImageDecodeError) as info:
+        EditDataset(root, verify_images=True)
+    message = str(info.value)
+    assert message.startswith(f"{path}:2: cannot read image {root / 'images' / 'broken.png'}: "), message
+    assert info.value.line == 2
+    assert "(and 1 more unreadable image(s): line 4)" in message, message
+
+
+def test_verify_images_under_skip_drops_bad_images_like_bad_lines(root: Path, caplog):
+    _with_broken_images(root)
+    ds = EditDataset(root, on_error="skip", verify_images=True)
+    assert [r.line for r in ds.records] == [1, 3, 6]
+    assert ds.sample_ids == [r.sample_id for r in ds.records]  # ids, records and the sampler agree
+    assert [line for line, _ in ds.skipped] == [2, 4, 5]
+    assert "cannot read image" in dict(ds.skipped)[2] and "invalid JSON" in dict(ds.skipped)[4]
+    assert sorted(ds.epoch_prompts(3, epoch=0, seed=0)) == [0, 1, 2]
+    assert all(ds[i].image.size == (512, 512) for i in range(len(ds)))
+    assert "2 unreadable image(s)" in caplog.text
+
+    # The same as verifying later, by hand, before anything drew from the dataset.
+    late = EditDataset(root, on_error="skip")
+    assert len(late) == 5
+    assert [line for line, _ in late.verify_images()] == [2, 5]
+    assert (late.records, late.sample_ids, late.skipped) == (ds.records, ds.sample_ids, ds.skipped)
+    assert late.verify_images() == []  # nothing left to drop
+
+
+def test_verify_images_leaving_nothing_is_an_error(root: Path):
+    (root / "images" / "broken.png").write_bytes(b"")
+    _write(root, [_row("images/broken.png")])
+    with pytest.raises(DatasetError, match="no usable samples"):
+        EditDataset(root, on_error="skip", verify_images=True)
+
+
+def test_trainer_data_verify_images_option(root: Path, monkeypatch):
+    """`data.verify_images` decodes both splits when the family is built, before the first epoch."""
+    from nftcore.config import load_config
+    from nftcore.trainer import edit_family, family
+
+    (root / "images" / "broken.png").write_bytes(b"")
+    _write(root, [_row(), _row("images/broken.png")])
+    _write(root, [_row("images/b.png")], split="test")
+    args = ["--model.family", "flux", "--model.path", "unused", "--data.path", str(root)]
+
+    class Stub:
+        def __init__(self, cfg, device):
+            self.train_dataset, self.eval_dataset = edit_family._datasets(cfg)
+
+    monkeypatch.setattr(edit_family, "EditFamily", Stub)
+    fam = family.build_family(load_config(args), torch.device("cpu"))
+    assert len(fam.train_dataset) == 2  # off by default
+    with pytest.raises(ImageDecodeError, match="train_metadata.jsonl:2: cannot read image"):
+        family.build_family(load_config([*args, "--data.verify_images"]), torch.device("cpu"))
+    fam = family.build_family(load_config([*args, "--data.verify_images", "--data.bad_lines=skip"]),
+                              torch.device("cpu"))
+    assert len(fam.train_dataset) == 1 and [line for line, _ in fam.train_dataset.skipped] == [2]
+    assert len(fam.eval_dataset) == 1

@@ -130,6 +130,13 @@ def test_invalid_reward_drops_and_counts_its_group(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_invalid_reward_reasons_are_logged_once_per_epoch_with_counts(tmp_path, capsys):
+    cfg = load_config(tiny_args(tmp_path, **{"sampling.batch_size": 2}))
+    Trainer(cfg, reward_fn=FlakyReward(dead_calls=(0, 2)), echo=True).train()
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "invalid reward" in line]
+    assert len(warnings) == 2 and all("2 x judge timed out" in line for line in warnings), warnings
+
+
 def test_all_rewards_invalid_is_a_clear_error(tmp_path):
     with pytest.raises(RuntimeError, match="every one of the 2 groups has an invalid reward"):
         run_tiny(tmp_path, reward_fn=FlakyReward(dead_calls=range(100)))
@@ -154,7 +161,7 @@ def test_too_few_prompts_left_is_a_clear_error(tmp_path):
     cfg = load_config(tiny_args(tmp_path, **{"filter.rule": "paper", "filter.ban_prompts": True}))
     trainer = Trainer(cfg, reward_fn=saturated_reward, echo=False)
     trainer.family.train_dataset = DemoDataset(3, size=trainer.family.policy.demo.image_size)
-    with pytest.raises(RuntimeError, match="cannot draw epoch 1's prompts.*2 banned"):
+    with pytest.raises(ConfigError, match="cannot draw epoch 1.s prompts.*2 banned"):
         trainer.train()
 
 
@@ -185,6 +192,49 @@ def test_nan_losses_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLossError, match="2 optimizer steps in a row"):
         cfg = load_config(tiny_args(tmp_path))
         Trainer(cfg, loss_fn=NaNLoss(bad=range(1000)), max_nan_steps=2, echo=False).train()
+
+
+class NaNVelocity:
+    """The real nft_loss, fed a NaN policy velocity on the calls in `bad` (what diverged weights produce): nft_loss
+    itself refuses it, and the trainer must skip the step rather than die."""
+
+    def __init__(self, bad):
+        from nftcore.ops import nft_loss
+
+        self.calls, self.bad, self.inner = 0, set(bad), nft_loss
+
+    def __call__(self, v_theta, *args, **kwargs):
+        bad = self.calls in self.bad
+        self.calls += 1
+        return self.inner(v_theta * float("nan") if bad else v_theta, *args, **kwargs)
+
+
+def test_a_nan_velocity_skips_the_step_it_is_in(tmp_path):
+    # T_train = 2 calls per micro-batch, one micro-batch per step: call 1 is step 1's second timestep.
+    trainer, result = run_tiny(tmp_path, loss_fn=NaNVelocity(bad={1}), **{"run.epochs": 1})
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["nan_skipped"] for r in rows] == [1, 0] and rows[0]["loss"] is None  # NaN is written as null
+    assert result["nan_skipped"] == 1 and trainer.step == 1
+
+
+def test_a_diverging_learning_rate_stops_the_run_naming_it_and_saves_no_nan(tmp_path):
+    from safetensors.torch import load_file
+
+    with pytest.raises(NonFiniteLossError, match=r"optim.lr = 1e\+06"):
+        run_tiny(tmp_path, **{"optim.lr": 1e6, "optim.max_grad_norm": 0.0, "run.epochs": 6})
+    saved = sorted((tmp_path / "checkpoints").glob("epoch-*/lora_ema/peft/adapter_model.safetensors"))
+    for path in saved:
+        assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = load_config(tiny_args(tmp_path, **{"run.epochs": 1}))
+    trainer = Trainer(cfg, echo=False)
+    with torch.no_grad():
+        trainer.params[0].fill_(float("inf"))
+    with pytest.raises(NonFiniteLossError, match="no checkpoint written"):
+        trainer.save()
+    assert not any((tmp_path / "checkpoints").glob("epoch-*"))
 
 
 def test_rollout_noise_does_not_depend_on_batching():

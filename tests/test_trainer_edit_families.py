@@ -255,3 +255,52 @@ def test_sharded_encoders_and_judge_give_the_replicated_losses_on_two_ranks(tmp_
     for key in ("reward_mean", "reward_std"):
         assert sharded[key] == pytest.approx(whole[key], abs=1e-5), key
     assert abs(sharded["loss"] - whole["loss"]) <= 1e-5 * max(1.0, abs(whole["loss"]))
+
+
+@pytest.mark.parametrize("bad_lines", ["skip", "error"])
+def test_an_image_that_fails_to_decode_when_drawn(tmp_path, kontext_folder, bad_lines):
+    """The file exists (start-up validation passes) but is garbage. 'skip': the sample runs on a grey stand-in, its
+    group is dropped and counted, the epoch trains on the other group; 'error': the run stops naming file:line."""
+    from nftcore.data import ImageDecodeError
+
+    args = edit_args(tmp_path, kontext_folder, "flux", **{"data.bad_lines": bad_lines})
+    def brightness(edited, sources, prompts, metadata):  # any real function of the edit will do here
+        from nftcore.reward.base import RewardResult
+
+        return RewardResult.from_scores(torch.as_tensor(edited).float().mean(dim=(1, 2, 3)))
+
+    trainer = Trainer(load_config(args), reward_fn=brightness, echo=False)
+    (tmp_path / "data" / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    if bad_lines == "error":
+        with pytest.raises(ImageDecodeError, match=r"train_metadata.jsonl:2: cannot read image"):
+            trainer.train()
+        return
+    trainer.train()
+    (row,) = read_metrics(trainer.cfg.run.metrics_path)
+    assert row["unreadable_images"] == 2 and row["dropped_groups"] == 1 and row["trained_samples"] == 2
+    assert math.isfinite(row["loss"])
+
+
+def test_an_edit_r1_recipe_runs_unchanged_on_two_ranks_with_uneven_shares(tmp_path, kontext_folder):
+    """`--config kontext_edit_r1` (sharded text encoders, as the recipe has it) with FSDP2 on the transformer and
+    K·G = 3 samples: shares of 2 and 1 in rollout calls of one, so rank 1 pads a call (conditioning and transformer
+    collectives included) and the update pads a micro-batch. Same rewards and loss as one process."""
+    from tests.test_trainer_distributed import TORCHRUN, run_job
+
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun not in the venv")
+    rows = {}
+    for nproc in (1, 2):
+        run = tmp_path / f"ranks-{nproc}"
+        args = ["--config", "kontext_edit_r1", *edit_args(run, kontext_folder, "flux", **{
+            "sampling.group_size": 3, "sampling.groups_per_epoch": 1, "sampling.batch_size": 1,
+            "parallel.shard_transformer": True, "reward.backend": "local", "reward.model": tiny_judge_folder(),
+            "reward.min_pixels": 56 * 56, "reward.max_pixels": 112 * 112})]
+        result = run_job(args, nproc=nproc, timeout=300)
+        assert f"3 samples/epoch on {nproc} rank(s)" in result.stdout
+        (rows[nproc],) = read_metrics(run / "out" / "metrics.jsonl")
+    print(rows)
+    assert rows[1]["trained_samples"] == rows[2]["trained_samples"] == 3
+    for key in ("reward_mean", "reward_std"):
+        assert rows[2][key] == pytest.approx(rows[1][key], abs=1e-5), key
+    assert abs(rows[2]["loss"] - rows[1]["loss"]) <= 1e-5 * max(1.0, abs(rows[1]["loss"]))

@@ -1,26 +1,32 @@
-"""Batch arithmetic of one epoch, derived from the actual world size (ALGORITHM.md §5.1).
+"""Batch arithmetic of one epoch, derived from the actual world size.
 
-The reference configs solve for a per-GPU batch against a hard-coded GPU count (48 for Qwen, 24 for Kontext) and
-then only run on that count. Here the world size is an input, so the same recipe plans correctly on 1, 8 or 48 ranks,
-and a world size that cannot work is an error that says which sizes would:
+The reference configs solve for a per-GPU batch against a hard-coded GPU count (48 for Qwen, 24 for Kontext) and then
+only run on that count. Here the global numbers are the recipe and the world size is an input, so the same recipe runs
+unchanged on 1, 2, 3, 8 or 48 ranks:
 
-    samples_per_epoch        = K·G                                  (all ranks)
-    rollout_batches_per_rank = K·G / (world_size · batch_size)      must be whole
-    grad_accum               = rollout_batches_per_rank / optimizer steps per epoch   must be whole
-    T_train                  = int(num_steps · timestep_fraction)
+    samples_per_epoch = K·G                      (all ranks; global sample g = group·K + k)
+    rank shares       = K·G split into world_size contiguous slices whose sizes differ by at most one
+    rollout calls     = ceil(largest share / sampling.batch_size), the same number on every rank
+    call sizes        = each rank's share split evenly over those calls (so batch_size is an upper bound)
+    T_train           = int(num_steps · timestep_fraction)
 
-Each rollout batch is then one training micro-batch, and every (sample, timestep) pair one backward pass, so an
-optimizer step takes grad_accum · T_train backwards (the loss is divided by that).
+Every rank makes the same number of rollout calls because each call is a collective under FSDP2 (and with sharded
+text encoders); a rank whose share leaves a call empty runs it on a copy of its first sample and drops the result,
+the way the update pads a rank that has fewer survivors than the others. The training side needs no divisibility
+either: an epoch's surviving samples are split into `optim.steps_per_epoch` optimizer steps, and each rank's part of a
+step into the same number of micro-batches of at most `sampling.batch_size`.
 
-One reference constraint is deliberately dropped: world_size · batch_size divisible by K. The reference sampler draws
-whole groups per rollout call; nftcore plans the epoch's G·K draws at once (G prompts × K repeats, shuffled with a seed
-shared by all ranks, cut into world_size · batch_size slices), so a group may straddle calls. Group statistics are
-taken after the whole epoch is scored in both designs, so nothing changes but that K = 12 recipes also run on 1, 2 or
-4 ranks. `BatchPlan.prompts_per_rollout` is fractional exactly when groups straddle calls.
+Per-sample seeding makes the computation independent of the split: every random draw is keyed by the global sample
+index, so 1, 2 or 3 ranks train the same samples at the same timesteps with the same noise. Only a world size with
+more ranks than samples cannot work (a rank would have nothing to roll out); that error names the sizes that do.
+
+`BatchPlan.prompts_per_rollout` is fractional when groups straddle rollout calls: the epoch's G·K draws are planned at
+once, and group statistics are taken after the whole epoch is scored, so nothing depends on where a group is cut.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -29,46 +35,18 @@ from nftcore.config.errors import ConfigError
 if TYPE_CHECKING:
     from nftcore.config.sections import TrainConfig
 
-_MAX_SUGGESTIONS = 16
-
 
 def train_timesteps(num_steps: int, timestep_fraction: float) -> int:
     """T_train = int(num_steps · fraction), the reference's rounding (6 · 0.99 → 5, 10 · 0.99 → 9)."""
     return int(num_steps * timestep_fraction)
 
 
-def _splits(samples: int, world_size: int, batch_size: int, steps: int) -> bool:
-    per_call = world_size * batch_size
-    return samples % per_call == 0 and (samples // per_call) % steps == 0
-
-
-def _show(values: list[int]) -> str:
-    if not values:
-        return "none"
-    shown = ", ".join(map(str, values[:_MAX_SUGGESTIONS]))
-    return shown if len(values) <= _MAX_SUGGESTIONS else f"{shown}, …"
-
-
-def split_problem(group_size: int, groups: int, world_size: int, batch_size: int, steps: int) -> str | None:
-    """Why K·G samples per epoch do not split into world_size × batch_size rollout calls and `steps` optimizer
-    steps, with the world sizes and batch sizes that would; None when they split."""
-    samples = group_size * groups
-    if _splits(samples, world_size, batch_size, steps):
-        return None
-    per_call = world_size * batch_size
-    if samples % per_call:
-        why = (f"K·G = {group_size} × {groups} = {samples} samples per epoch do not split into rollout calls of "
-               f"{world_size} rank(s) × sampling.batch_size {batch_size} = {per_call} "
-               f"({samples} % {per_call} = {samples % per_call})")
-    else:
-        batches = samples // per_call
-        good_steps = [s for s in range(1, batches + 1) if batches % s == 0]
-        why = (f"the {batches} rollout batches per rank ({samples} / ({world_size} × {batch_size})) do not split into "
-               f"optim.steps_per_epoch = {steps} optimizer steps (valid steps_per_epoch here: {_show(good_steps)})")
-    worlds = [w for w in range(1, samples // batch_size + 1) if _splits(samples, w, batch_size, steps)]
-    batch_sizes = [b for b in range(1, samples // world_size + 1) if _splits(samples, world_size, b, steps)]
-    return (f"{why}; with batch_size {batch_size} and steps_per_epoch {steps} valid world sizes are {_show(worlds)}; "
-            f"on {world_size} rank(s) valid sampling.batch_size values are {_show(batch_sizes)}")
+def even_split(items: list[int], parts: int) -> list[list[int]]:
+    """`items` cut into `parts` contiguous runs whose lengths differ by at most one (longer runs first); runs are
+    empty when there are fewer items than parts."""
+    q, rem = divmod(len(items), parts)
+    bounds = [i * q + min(i, rem) for i in range(parts + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
 @dataclass(frozen=True)
@@ -78,16 +56,39 @@ class BatchPlan:
     world_size: int
     group_size: int  # K
     samples_per_epoch: int  # K·G, over all ranks
-    samples_per_rank: int  # per rank per epoch
-    rollout_batches_per_rank: int  # rollout calls per rank per epoch; each is one training micro-batch
-    micro_batch_size: int  # = sampling.batch_size
+    batch_size: int  # sampling.batch_size: the most images per rollout call and per training micro-batch
     optimizer_steps_per_epoch: int
-    grad_accum_micro_batches: int  # micro-batches per optimizer step
     train_timesteps: int  # T_train: timesteps (backward passes) per sample
 
     @property
+    def shares(self) -> list[int]:
+        """Samples per rank per epoch, in rank order."""
+        return [len(part) for part in even_split(list(range(self.samples_per_epoch)), self.world_size)]
+
+    @property
+    def samples_per_rank(self) -> int:
+        """The largest rank share (every share is this or one less)."""
+        return math.ceil(self.samples_per_epoch / self.world_size)
+
+    @property
+    def rollout_batches_per_rank(self) -> int:
+        """Rollout calls per rank per epoch; the same on every rank."""
+        return math.ceil(self.samples_per_rank / self.batch_size)
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Images in the largest rollout call (≤ sampling.batch_size)."""
+        return math.ceil(self.samples_per_rank / self.rollout_batches_per_rank)
+
+    @property
+    def grad_accum_micro_batches(self) -> int:
+        """Micro-batches per optimizer step when no sample is filtered out (filtering only lowers it)."""
+        per_step = math.ceil(self.samples_per_rank / self.optimizer_steps_per_epoch)
+        return math.ceil(per_step / self.batch_size)
+
+    @property
     def backward_passes_per_step(self) -> int:
-        """Backwards summed into one optimizer step; the loss is divided by this."""
+        """Backwards summed into one unfiltered optimizer step, per rank."""
         return self.grad_accum_micro_batches * self.train_timesteps
 
     @property
@@ -95,32 +96,57 @@ class BatchPlan:
         """Prompts (groups) one rollout call covers over all ranks; fractional when groups straddle calls."""
         return self.world_size * self.micro_batch_size / self.group_size
 
+    def rank_samples(self, rank: int) -> list[int]:
+        """The global sample indices rank `rank` rolls out, ascending (a contiguous slice)."""
+        return even_split(list(range(self.samples_per_epoch)), self.world_size)[rank]
+
+    def owner(self, sample: int) -> int:
+        """The rank that rolled out global sample `sample`."""
+        q, rem = divmod(self.samples_per_epoch, self.world_size)
+        big = rem * (q + 1)  # the first `rem` ranks hold q + 1 samples each
+        return sample // (q + 1) if sample < big else rem + (sample - big) // q
+
+    def rollout_batches(self, rank: int) -> list[list[int]]:
+        """Rank `rank`'s rollout calls as lists of global sample indices; an empty list is a padding call."""
+        return even_split(self.rank_samples(rank), self.rollout_batches_per_rank)
+
     def summary(self) -> str:
-        return (f"{self.samples_per_epoch} samples/epoch on {self.world_size} rank(s): {self.samples_per_rank} per "
-                f"rank in {self.rollout_batches_per_rank} batches of {self.micro_batch_size}; "
-                f"{self.optimizer_steps_per_epoch} optimizer step(s)/epoch, each {self.grad_accum_micro_batches} "
-                f"micro-batches × {self.train_timesteps} timesteps = {self.backward_passes_per_step} backwards")
+        shares = sorted(set(self.shares), reverse=True)
+        share = " or ".join(map(str, shares))
+        return (f"{self.samples_per_epoch} samples/epoch on {self.world_size} rank(s): {share} per rank in "
+                f"{self.rollout_batches_per_rank} rollout call(s) of ≤ {self.micro_batch_size} "
+                f"(sampling.batch_size {self.batch_size}); {self.optimizer_steps_per_epoch} optimizer step(s)/epoch, "
+                f"each ≤ {self.grad_accum_micro_batches} micro-batch(es) × {self.train_timesteps} timesteps per rank")
+
+
+def plan_problem(samples: int, steps: int) -> str | None:
+    """Why an epoch of `samples` samples cannot be cut into `steps` optimizer steps on any world size; None if fine."""
+    if steps > samples:
+        return (f"optim.steps_per_epoch = {steps} exceeds the {samples} samples of an epoch (sampling.group_size × "
+                "sampling.groups_per_epoch): some steps would have nothing to train on")
+    return None
 
 
 def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
-    """The epoch's batch arithmetic for `cfg` on `world_size` ranks; ConfigError (with valid alternatives) if the
-    epoch does not split evenly."""
+    """The epoch's batch arithmetic for `cfg` on `world_size` ranks; ConfigError naming the sizes that work if none
+    does (more ranks than samples)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError(f"world_size must be an int ≥ 1, got {world_size!r}")
     s, steps = cfg.sampling, cfg.optim.steps_per_epoch
     samples = s.group_size * s.groups_per_epoch
-    problem = split_problem(s.group_size, s.groups_per_epoch, world_size, s.batch_size, steps)
+    problem = plan_problem(samples, steps)
     if problem:
-        raise ConfigError(f"batch plan for {world_size} rank(s): {problem}")
-    batches = samples // (world_size * s.batch_size)
+        raise ConfigError(f"batch plan: {problem}")
+    if world_size > samples:
+        raise ConfigError(
+            f"batch plan for {world_size} rank(s): an epoch has only K·G = {s.group_size} × {s.groups_per_epoch} = "
+            f"{samples} samples, so some ranks would roll out nothing; this recipe runs on 1 to {samples} ranks, or "
+            f"raise sampling.groups_per_epoch to at least {math.ceil(world_size / s.group_size)}")
     return BatchPlan(
         world_size=world_size,
         group_size=s.group_size,
         samples_per_epoch=samples,
-        samples_per_rank=samples // world_size,
-        rollout_batches_per_rank=batches,
-        micro_batch_size=s.batch_size,
+        batch_size=s.batch_size,
         optimizer_steps_per_epoch=steps,
-        grad_accum_micro_batches=batches // steps,
         train_timesteps=train_timesteps(s.num_steps, cfg.nft.timestep_fraction),
     )

@@ -15,6 +15,13 @@ class ConfigError(ValueError):
     """An unknown section/key/recipe, a value of the wrong type, or settings that contradict each other."""
 
 
+class UnsupportedConfigError(ConfigError, NotImplementedError):
+    """A valid config asking for something not implemented in this setting (a family, a world size): e.g.
+    `parallel.shard_text_encoder` for the demo family on several ranks. Raised where only the running job can tell
+    (the world size is not part of the config); a ConfigError to `python -m nftcore.train` (exit code 2), and a
+    NotImplementedError to code that already expects one."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """`" (did you mean 'x'?)"` for the closest choice, or "" when nothing is close.
 

@@ -20,7 +20,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal, get_type_hints
 
-from nftcore.config.batching import split_problem, train_timesteps
+from nftcore.config.batching import plan_problem, train_timesteps
 from nftcore.config.errors import ConfigError
 from nftcore.config.values import type_problem
 
@@ -42,6 +42,9 @@ class RunConfig:
     seed: int = option(42, "Base seed. Prompt order, rollout noise, training timesteps and training noise are "
                            "all seeded per sample from (seed, epoch, global sample index), so results do not depend on "
                            "the number of ranks.")
+    overwrite: bool = option(False, "Start a new run in a run.out folder that already holds one (metrics, "
+                                    "checkpoints): its files are deleted first. Without it such a folder is refused "
+                                    "unless the run resumes (--resume).")
 
     @property
     def metrics_path(self) -> Path:
@@ -106,8 +109,9 @@ class SamplingConfig:
     group_size: int = option(8, "K: images sampled per prompt, one group. Advantages are relative within a group, so "
                                 "K ≥ 2.")
     groups_per_epoch: int = option(8, "G: prompts (groups) per epoch; an epoch rolls out G·K images over all ranks.")
-    batch_size: int = option(16, "Images per rank per rollout call, and the training micro-batch (one size for both, "
-                                 "as in the reference). G·K must split into world_size × batch_size (see batch_plan).")
+    batch_size: int = option(16, "Most images per rank per rollout call and per training micro-batch. Each rank's "
+                                 "share of the epoch is cut into equal calls of at most this many, so any world size "
+                                 "up to G·K runs the recipe unchanged (see batch_plan).")
     num_steps: int = option(6, "Rollout ODE steps. Training noises at exactly these sampler sigmas (§1.4).")
     solver: Literal["dpm2", "euler"] = option("dpm2", "Rollout solver (nftcore.sampling.SOLVERS).")
     resolution: int = option(16, "Square edge of source and edited images in pixels (center crop); the sigma shift "
@@ -354,7 +358,11 @@ class DataConfig:
                                  "rollouts; 0 reads them in the rollout loop.")
     bad_lines: Literal["error", "skip"] = option(
         "error", "A metadata line that cannot be used (bad JSON, missing field, missing image): 'error' stops with "
-                 "file:line and the reason; 'skip' drops it, counts it and logs one warning (never trained on).")
+                 "file:line and the reason; 'skip' drops it, counts it and logs one warning (never trained on). "
+                 "An image that fails to decode when drawn is handled the same way: 'skip' drops the sample's group "
+                 "for that epoch and counts it.")
+    verify_images: bool = option(False, "Decode every image of both splits at start-up, so a corrupt file is found "
+                                        "before the first epoch (slow on large datasets).")
     group_key: Literal["sample_id", "instruction"] = option(
         "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
                      "instruction text alone as the reference does, which merges images that share one (§11.3). "
@@ -408,8 +416,8 @@ class TrainConfig:
                 f"parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got "
                 f"{self.reward.backend!r}": not self.parallel.shard_reward_model or self.reward.backend == "local",
             })
-            # A config that cannot split on one rank cannot split on any (see batch_plan), so say so now.
-            split = split_problem(s.group_size, s.groups_per_epoch, 1, s.batch_size, self.optim.steps_per_epoch)
+            # World-size independent; batch_plan adds the one world-size check (no more ranks than samples).
+            split = plan_problem(s.group_size * s.groups_per_epoch, self.optim.steps_per_epoch)
             found += [split] if split else []
         return found
 

@@ -8,6 +8,7 @@ few fields it changes.
 
 from __future__ import annotations
 
+import re
 import textwrap
 import tomllib
 from collections.abc import Mapping
@@ -101,10 +102,31 @@ def load_toml(path: str | Path, *, validate: bool = True) -> TrainConfig:
     """A config from a TOML file (see `config_from_dict` for what the file may contain and for `validate`)."""
     path = Path(path)
     try:
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except OSError as error:  # a folder, no permission, an I/O error
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line, column = _line_column(raw, error.start)
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (TOML files must be UTF-8): byte 0x{raw[error.start]:02x} "
+                          f"at line {line}, column {column} (byte offset {error.start}): {error.reason}") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        where = _TOML_POSITION.search(str(error))
+        prefix = f"{path}:{where.group(1)}" if where else str(path)
+        raise ConfigError(f"{prefix}: not valid TOML: {error}") from None
     return config_from_dict(data, origin=str(path), validate=validate)
+
+
+_TOML_POSITION = re.compile(r"\(at line (\d+), column \d+\)")
+"""Where tomllib's messages say the error is ("... (at line 4, column 7)"); 3.11 has no lineno attribute yet."""
+
+
+def _line_column(raw: bytes, offset: int) -> tuple[int, int]:
+    """1-based line and column (in bytes) of byte `offset` of `raw`."""
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    return raw.count(b"\n", 0, offset) + 1, offset - line_start + 1

@@ -4,6 +4,11 @@ The config uses a small closed set of field types — `int`, `float`, `bool`, `s
 variadic `tuple[...]`, and `X | None` — so one converter serves the command line (text), TOML files and JSON
 checkpoints (already typed values) alike, and every mistake becomes a `ConfigError` that says what was expected.
 
+Floats must be finite: inf and nan are refused for every float field, whatever its source (text, TOML's own
+`inf`/`nan`, Python), because no option means "no limit" by inf — where an option has such a setting it is 0
+(`optim.max_grad_norm = 0` turns clipping off) — and an inf or nan that got through would only surface hours later
+as a NaN loss or a request that never times out.
+
 Text forms: bool is true/false/1/0 (also yes/no/on/off); a tuple is comma-separated (`0.9,0.999`, brackets
 optional); `none` (or `null`) unsets an optional field. TOML has no null, so the dump writes `"none"` for it.
 """
@@ -92,14 +97,23 @@ def convert(value: Any, tp: Any, where: str) -> Any:
                 pass
         raise _bad(where, value, "an int")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = value
+        elif isinstance(value, str):
             try:
-                return float(value.strip())
+                number = float(value.strip())
             except ValueError:
                 pass
-        raise _bad(where, value, "a float")
+        if number is None:
+            raise _bad(where, value, "a float")
+        try:
+            number = float(number)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise _bad(where, value, "a finite float", "; no float option takes inf or nan")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -152,7 +166,19 @@ def type_problem(value: Any, tp: Any) -> str | None:
         ok = isinstance(value, numeric) and not isinstance(value, bool)
     else:
         ok = type(value) is tp
-    return None if ok else f"expected {describe_type(tp)}, got {type(value).__name__} {value!r}"
+    if not ok:
+        return f"expected {describe_type(tp)}, got {type(value).__name__} {value!r}"
+    if tp is float and not _finite(value):
+        return f"{value!r} is not a finite float (no float option takes inf or nan)"
+    return None
+
+
+def _finite(value: int | float) -> bool:
+    """Whether a float field's value is a finite float (an int is finite unless too large for a float)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def toml_literal(value: Any) -> str:

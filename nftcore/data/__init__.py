@@ -1,15 +1,18 @@
 """Training data: the Edit-R1 editing dataset (JSONL + images), its preprocessing and the epoch sampler.
 
-- `edit_dataset`: `EditDataset` (eager validation, lazy images, `DatasetError` naming `path:line`), `EditSample`,
+- `edit_dataset`: `EditDataset` (eager validation, lazy images, `DatasetError` naming `path:line`; an image that
+  cannot be decoded is an `ImageDecodeError`; `verify_images` decodes them all up front), `EditSample`,
   `sample_key` (groups and bans key on the sample, not the instruction text), `epoch_indices` (the deterministic,
   rank-independent per-epoch draw), and the `center_crop_resize` / `to_tensor` / `to_pil` image helpers.
 """
 
 from nftcore.data.edit_dataset import (
+    IMAGE_FORMATS,
     DatasetError,
     EditDataset,
     EditRecord,
     EditSample,
+    ImageDecodeError,
     center_crop_resize,
     derive_seed,
     epoch_indices,
@@ -19,10 +22,12 @@ from nftcore.data.edit_dataset import (
 )
 
 __all__ = [
+    "IMAGE_FORMATS",
     "DatasetError",
     "EditDataset",
     "EditRecord",
     "EditSample",
+    "ImageDecodeError",
     "center_crop_resize",
     "derive_seed",
     "epoch_indices",

@@ -4,9 +4,10 @@ Importing this package costs torch (and triton, when a kernel is first used) - n
 """
 
 from .attention import attention
+from .checks import NonFiniteError
 from .dispatch import Backend, last_backend, select_backend
 from .nft_loss import nft_loss
 from .reference import NFTLossOutput
 from .score_logits import score_logits
 
-__all__ = ["Backend", "NFTLossOutput", "attention", "last_backend", "nft_loss", "score_logits", "select_backend"]
+__all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "attention", "last_backend", "nft_loss", "score_logits", "select_backend"]

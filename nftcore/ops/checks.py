@@ -12,6 +12,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class NonFiniteError(ValueError):
+    """A NaN/inf input or result: a caller that skips diverged steps (the trainer) catches this class alone, so a
+    wrong shape or range still stops it."""
+
+
 def shape_str(x: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in x.shape) + "]"
 
@@ -76,4 +81,4 @@ def raise_first_non_finite(op: str, **tensors: torch.Tensor | None) -> None:
         bad = ~torch.isfinite(x)
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"{op}: `{name}` (shape {shape_str(x)}) has a non-finite value at index {list(idx)}")
+            raise NonFiniteError(f"{op}: `{name}` (shape {shape_str(x)}) has a non-finite value at index {list(idx)}")

@@ -331,4 +331,5 @@ def _check_values(out, v_theta, v_old, x_t, x0, t, r, mask, v_ref) -> None:
     if mask is not None:
         checks.check_binary(OP, "mask", mask)
     checks.raise_first_non_finite(OP, v_theta=v_theta, v_old=v_old, x_t=x_t, x0=x0, v_ref=v_ref)
-    raise ValueError(f"{OP}: the loss is not finite although every input is (overflow in {v_theta.dtype}?)")
+    raise checks.NonFiniteError(f"{OP}: the loss is not finite although every input is (overflow in "
+                                f"{v_theta.dtype}?)")

@@ -25,6 +25,7 @@ Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -96,6 +97,9 @@ def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Mo
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+    # A Linear on [B, N, C] returns a view of its 2-D GEMM output, which FSDP2 warns about on every forward of the
+    # root: an in-place op on it would skip the pre-backward hook. The trainer never modifies velocities in place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = _mesh(env, cfg.parallel.replicate_degree, init_device_mesh)
     if env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
@@ -145,16 +149,24 @@ def loss_scale_for_reduction(env: DistEnv) -> float:
 
 
 def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
-    """Concatenate every rank's `tensor` (same shape on every rank) along dim 0, in rank order.
+    """Concatenate every rank's `tensor` along dim 0, in rank order. The ranks' lengths may differ (uneven shares of
+    an epoch): they are exchanged first and each part is padded to the longest for the gather, then trimmed.
 
     Bool tensors travel as uint8 (gloo has no bool all-gather)."""
     if env.world_size == 1:
         return tensor
     is_bool = tensor.dtype == torch.bool
     local = (tensor.to(torch.uint8) if is_bool else tensor).contiguous().to(env.device)
+    lengths = torch.zeros(env.world_size, dtype=torch.int64, device=env.device)
+    lengths[env.rank] = local.shape[0]
+    dist.all_reduce(lengths)
+    lengths = lengths.tolist()
+    longest = max(lengths)
+    if local.shape[0] < longest:
+        local = torch.cat([local, local.new_zeros((longest - local.shape[0], *local.shape[1:]))])
     parts = [torch.empty_like(local) for _ in range(env.world_size)]
     dist.all_gather(parts, local)
-    out = torch.cat(parts).cpu()
+    out = torch.cat([part[:n] for part, n in zip(parts, lengths)]).cpu()
     return out.bool() if is_bool else out
 
 

@@ -194,14 +194,23 @@ def _reject_for_demo(cfg: TrainConfig) -> None:
 
 
 def build_family(cfg: TrainConfig, device: torch.device) -> PolicyFamily:
-    """The policy family named by `cfg.model.family`."""
+    """The policy family named by `cfg.model.family`. With `data.verify_images`, every image of both splits is
+    decoded now (`EditDataset.verify_images`: 'skip' drops unreadable ones like bad lines, 'error' stops), on every
+    rank alike, so all ranks keep the same rows; the demo's procedural datasets have no files to verify."""
     if cfg.model.family == "demo":
-        return DemoFamily(cfg, device)
-    if cfg.model.family in ("flux", "qwen_image"):
+        family = DemoFamily(cfg, device)
+    elif cfg.model.family in ("flux", "qwen_image"):
         from nftcore.trainer.edit_family import EditFamily
 
-        return EditFamily(cfg, device)
-    raise ValueError(f"unknown model.family {cfg.model.family!r}; expected 'demo', 'flux' or 'qwen_image'")
+        family = EditFamily(cfg, device)
+    else:
+        raise ValueError(f"unknown model.family {cfg.model.family!r}; expected 'demo', 'flux' or 'qwen_image'")
+    if cfg.data.verify_images:
+        for dataset in (family.train_dataset, family.eval_dataset):
+            verify = getattr(dataset, "verify_images", None)
+            if callable(verify):
+                verify()
+    return family
 
 
 def judge_is_sharded(cfg: TrainConfig, env) -> bool:
@@ -292,7 +301,12 @@ class LoRAWeights:
         """'default' (θ) or 'old' (θ_old), by PEFT name: live tensors for the EMA and the soft update."""
         from nftcore.models.lora import adapter_state
 
+        _reshard(self.model)
         return adapter_state(self.model, which)
+
+    def reshard(self) -> None:
+        """Drop FSDP2's gathered copies (see `_reshard`): after weights were swapped in for no-grad forwards."""
+        _reshard(self.model)
 
     def velocity(self, cond, which: str):
         """`fn(x, sigma)` of θ ('default'), θ_old ('old') or the frozen reference ('ref')."""
@@ -344,6 +358,10 @@ class FullWeights:
         _reshard(model)
         return dict(model.named_parameters())
 
+    def reshard(self) -> None:
+        for model in self.models():
+            _reshard(model)
+
     def velocity(self, cond, which: str):
         model = {"default": self.model, "old": self.old, "ref": self.ref}[which]
         if model is None:
@@ -372,9 +390,10 @@ def _sharded(model: nn.Module) -> bool:
 
 
 def _reshard(model: nn.Module) -> None:
-    """Put FSDP2 modules back to their sharded parameters. A copy that only runs no-grad forwards (θ_old, the
-    reference) keeps its last block gathered (`reshard_after_forward=False`), and a gathered block's parameters are
-    plain tensors that cannot be paired with θ's DTensors."""
+    """Put FSDP2 modules back to their sharded parameters. After a no-grad forward (rollouts, evaluation, θ_old and
+    the reference) the last block stays gathered (`reshard_after_forward=False`): its parameters are then plain
+    tensors that cannot be paired with the EMA's or θ's DTensors, and a gathered copy made while other weights were
+    swapped in would be used again by the next forward."""
     from torch.distributed.fsdp import FSDPModule
 
     for module in model.modules():

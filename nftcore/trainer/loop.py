@@ -5,7 +5,8 @@ One epoch (ALGORITHM.md §5.3), with these deliberate departures from the refere
 - **Per-sample seeding.** Every random draw (rollout noise, training timesteps, training noise, the training order)
   comes from a generator seeded by (run seed, epoch, global sample index): the result does not depend on the number
   of ranks, and an epoch replayed after a resume is identical. The epoch's G·K samples are numbered g = group·K + k;
-  rank r rolls out the contiguous slice [r·n, (r+1)·n) in batches of `sampling.batch_size`.
+  each rank rolls out one contiguous slice (sizes differ by at most one) in the batch plan's rollout calls, the same
+  number on every rank (`nftcore.config.batching`).
 - **Filter before micro-batches.** Advantages use the whole epoch (all ranks, invalid groups excluded); the
   low-variance filter runs next, and only surviving samples are put into micro-batches, so filtered samples cost no
   forward pass (§11.9). A group with any invalid reward is dropped and counted, never scored 0 (§11.4).
@@ -37,10 +38,14 @@ from typing import Any
 
 import torch
 
-from nftcore.config import TrainConfig, batch_plan, config_to_toml
+from nftcore.config import ConfigError, TrainConfig, batch_plan, config_to_toml
+from nftcore.config.batching import even_split
+from nftcore.config.errors import UnsupportedConfigError
+from nftcore.data import ImageDecodeError
 from nftcore.data import derive_seed
 from nftcore.nft import EMA, OldPolicySchedule, PromptBan, low_variance_filter, rewards_to_optimality
-from nftcore.ops import nft_loss
+from nftcore.ops import NFTLossOutput, NonFiniteError, nft_loss
+from nftcore.reward.base import format_error_summary, summarize_errors
 from nftcore.sampling import sample as solve
 from nftcore.trainer import checkpoint as ckpt
 from nftcore.trainer.distributed import (
@@ -99,6 +104,8 @@ class Rollouts:
     cond: Any  # the family's conditioning for the n samples
     scores: torch.Tensor  # [n] float32, NaN where invalid
     valid: torch.Tensor  # [n] bool
+    finite: torch.Tensor  # [n] bool: the rollout itself is finite (False: the policy diverged; never scored)
+    unreadable: torch.Tensor  # [n] bool: the source image failed to decode (data.bad_lines=skip; a stand-in ran)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -120,7 +127,7 @@ class Trainer:
         self.env = env or init_distributed(cfg)
         self.plan = batch_plan(cfg, self.env.world_size)
         if cfg.parallel.shard_text_encoder and self.env.world_size > 1 and cfg.model.family == "demo":
-            raise NotImplementedError("parallel.shard_text_encoder=true: the demo's text encoder is part of its tiny "
+            raise UnsupportedConfigError("parallel.shard_text_encoder=true: the demo's text encoder is part of its tiny "
                                       "policy and always replicated; run with --parallel.shard_text_encoder=false")
         if self.env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
@@ -143,7 +150,7 @@ class Trainer:
         self.ban = PromptBan(cfg.filter.mean_threshold, cfg.filter.std_threshold)
         self.sigmas = self.family.sigmas(cfg.sampling.num_steps)
         if cfg.optim.mixed_precision == "fp16":
-            raise NotImplementedError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not "
+            raise UnsupportedConfigError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not "
                                       "have yet; use 'bf16' (Edit-R1's choice) or 'no'")
         self.eval_rewards: list[tuple[int, float]] = []
         self.last_eval: tuple[int, float, torch.Tensor] | None = None  # (epochs done, reward, rank's images)
@@ -155,17 +162,28 @@ class Trainer:
         self.flops = FlopCounter(self.weights.models())
         self.epoch_rewards: list[float] = []
         self._stop_requested = False
+        self._unreadable_ids: set[str] = set()  # sample ids whose image failed to decode (warned once each)
 
     # ------------------------------------------------------------------------------------------------ run
 
     def train(self) -> dict[str, Any]:
-        """Resume if asked, run the remaining epochs, checkpoint on schedule, at the end and on SIGTERM."""
+        """Check the run folder, resume if asked, run the remaining epochs, checkpoint on schedule, at the end and on
+        SIGTERM.
+
+        Before the first epoch: a new run in a folder that holds one, an unwritable checkpoint folder, a resume whose
+        config changed what the checkpoint's weights or trajectory depend on are ConfigErrors; an unusable checkpoint
+        is a CheckpointError (`--resume latest` falls back to an older one). See `run_folder` and `checkpoint`."""
+        from nftcore.trainer.run_folder import check_resume_config, prepare_run_folder
+
         cfg = self.cfg
         self.metrics.info(f"# effective config\n{config_to_toml(cfg)}")
         self.metrics.info(f"# {self.plan.summary()}")
-        resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.run.checkpoint_dir)
+        prepare_run_folder(cfg, self.env, log=self.metrics.info)
+        resume = ckpt.resume_from(
+            cfg.checkpoint.resume, cfg.run.checkpoint_dir, self.env, load=self.load, log=self.metrics.info,
+            check=lambda path: check_resume_config(cfg, path, self.env, finetune=self.weights.kind,
+                                                   log=self.metrics.info))
         if resume is not None:
-            self.load(resume)
             dropped = self.metrics.truncate_from(self.epoch)
             self.metrics.info(f"# resumed from {resume} at epoch {self.epoch}, step {self.step} "
                               f"({dropped} later metrics rows dropped)")
@@ -228,6 +246,9 @@ class Trainer:
                           f"{stats['valid_samples']} samples, filtered {stats['filtered_fraction']:.2f}, "
                           f"dropped groups {stats['dropped_groups']}, old-policy η {eta:.3f}, "
                           f"{time.perf_counter() - t0:.1f} s")
+        if self._reward_errors:
+            rank = f" (rank {env.rank})" if env.world_size > 1 else ""
+            self.metrics.warn(f"epoch {epoch}{rank}: {format_error_summary(self._reward_errors)}", every_rank=True)
         barrier(env)
 
     def epoch_groups(self, epoch: int) -> list[int]:
@@ -237,7 +258,7 @@ class Trainer:
             return self.family.train_dataset.epoch_prompts(self.cfg.sampling.groups_per_epoch, epoch,
                                                            self.cfg.run.seed, banned)
         except ValueError as err:
-            raise RuntimeError(f"cannot draw epoch {epoch}'s prompts: {err} ({len(self.ban)} banned by the "
+            raise ConfigError(f"cannot draw epoch {epoch}'s prompts: {err} ({len(self.ban)} banned by the "
                                "low-variance rule; lower sampling.groups_per_epoch or turn filter.ban_prompts off)"
                                ) from err
 
@@ -255,27 +276,35 @@ class Trainer:
         from concurrent.futures import ThreadPoolExecutor
 
         cfg, env, fam = self.cfg, self.env, self.family
-        k, bsz = cfg.sampling.group_size, cfg.sampling.batch_size
+        k = cfg.sampling.group_size
         groups = self.epoch_groups(epoch)
         self._groups = groups
-        n = self.plan.samples_per_rank
-        mine = list(range(env.rank * n, (env.rank + 1) * n))
-        latents, conds, futures, shown = [], [], [], []
+        mine = self.plan.rank_samples(env.rank)
+        calls = self.plan.rollout_batches(env.rank)
+        latents, conds, futures, shown, finite, unreadable = [], [], [], [], [], []
         every = cfg.metrics.image_every
         show = env.is_main and every > 0 and (epoch + 1) % every == 0
         with contextlib.ExitStack() as stack:
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
             deferred: list[tuple[torch.Tensor, list]] = []  # (edited, samples) for a sharded judge
             row = self._row_reader([groups[g // k] for g in mine], stack)
-            bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", math.ceil(n / bsz)))
-            for start in range(0, n, bsz):
-                indices = mine[start:start + bsz]
-                samples = [row(groups[g // k]) for g in indices]
+            bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", len(calls)))
+            for indices in calls:
+                padding = not indices  # this rank's share left the call empty: run it anyway (collectives), drop it
+                indices = indices or mine[:1]
+                samples, readable = zip(*(self._read(row, groups[g // k], g) for g in indices))
                 cond = fam.conditioning(samples)
                 noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
                 with self.autocast():
                     x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
-                edited = fam.decode(x0).cpu()
+                if padding:
+                    bar.advance()
+                    continue
+                finite.append(torch.isfinite(x0.flatten(1)).all(dim=1).cpu())
+                unreadable.append(~torch.tensor(readable))
+                # A diverged policy's NaN rollout is an invalid sample, never a picture handed to the judge.
+                edited = torch.nan_to_num(fam.decode(torch.where(finite[-1].to(x0.device).view(-1, 1, 1), x0, 0.0)))
+                edited = edited.cpu()
                 if self.score_in_step:
                     deferred.append((edited, samples))
                 else:
@@ -295,8 +324,12 @@ class Trainer:
             self.metrics.log_images("rollouts", self.step, Path(cfg.run.out) / "images" / f"epoch-{epoch:06d}.png",
                                     torch.cat([s for s, _ in shown]), torch.cat([e for _, e in shown]))
         scores = torch.cat([r.scores.float() for r in results])
-        valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results])
-        return Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid), waited
+        finite = torch.cat(finite)
+        unreadable = torch.cat(unreadable)
+        self._reward_errors = summarize_errors(results)  # this rank's, logged with the epoch's line
+        valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results]) & finite & ~unreadable
+        rollouts = Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid, finite, unreadable)
+        return rollouts, waited
 
     def _row_reader(self, rows: list[int], stack: contextlib.ExitStack) -> Callable[[int], Any]:
         """`read(i)` for the train dataset's rows `rows`. With data.num_workers > 0 every distinct row is submitted
@@ -310,6 +343,21 @@ class Trainer:
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data"))
         pending = {i: pool.submit(dataset.__getitem__, i) for i in dict.fromkeys(rows)}
         return lambda i: pending[i].result()
+
+    def _read(self, read: Callable[[int], Any], row: int, sample: int, dataset=None) -> tuple[Any, bool]:
+        """(row `row`, True); with data.bad_lines=skip an image that fails to decode gives (a grey stand-in, False):
+        the sample still runs, so every rank makes the same calls, and its group is dropped for the epoch."""
+        try:
+            return read(row), True
+        except ImageDecodeError as err:
+            if self.cfg.data.bad_lines != "skip":
+                raise
+            dataset = dataset or self.family.train_dataset
+            if err.sample_id not in self._unreadable_ids:
+                self._unreadable_ids.add(err.sample_id)
+                self.metrics.warn(f"{err} (data.bad_lines=skip: dropped from every epoch that draws it, counted as "
+                                  "unreadable_images)", every_rank=True)
+            return dataset.placeholder(err.index if err.index is not None else row), False
 
     def _score(self, edited: torch.Tensor, samples: list) -> Any:
         fam = self.family
@@ -325,10 +373,21 @@ class Trainer:
         k = cfg.sampling.group_size
         scores = all_gather_cat(rollouts.scores, env)
         valid = all_gather_cat(rollouts.valid, env)
+        diverged = int((~all_gather_cat(rollouts.finite, env)).sum())
+        unreadable = int(all_gather_cat(rollouts.unreadable, env).sum())
         total = scores.numel()
         group = torch.arange(total) // k
         group_ok = valid.view(-1, k).all(dim=1)
         dropped = int((~group_ok).sum())
+        if diverged:
+            self.metrics.info(f"epoch {epoch}: {diverged} of {total} rollouts are not finite (NaN/inf latents); "
+                              "their groups are dropped")
+        if diverged and not bool(group_ok.any()):
+            raise NonFiniteLossError(
+                f"epoch {epoch}: {diverged} of {total} rollouts are not finite and no group is left: the policy's "
+                f"weights have diverged. Likely causes: a learning rate too high (optim.lr = {cfg.optim.lr:g}), no "
+                f"gradient clipping (optim.max_grad_norm = {cfg.optim.max_grad_norm:g}), or fp16 overflow; resume "
+                "from the last checkpoint with a lower optim.lr")
         if not bool(group_ok.any()):
             raise RuntimeError(f"epoch {epoch}: every one of the {group_ok.numel()} groups has an invalid reward "
                                f"({int((~valid).sum())} of {total} samples invalid); is the reward backend "
@@ -348,6 +407,7 @@ class Trainer:
         good = scores[sel].double()
         return {"r": r, "train": train, "reward_mean": float(good.mean()), "reward_std": float(good.std(correction=0)),
                 "filtered_fraction": filtered, "invalid_rewards": int((~valid).sum()), "dropped_groups": dropped,
+                "nonfinite_rollouts": diverged, "unreadable_images": unreadable,
                 "valid_samples": int(sel.sum())}
 
     # ------------------------------------------------------------------------------------------------ update
@@ -371,6 +431,8 @@ class Trainer:
                 row = {"epoch": epoch, "step": self.step, **row, "reward_mean": stats["reward_mean"],
                        "reward_std": stats["reward_std"], "filtered_fraction": stats["filtered_fraction"],
                        "invalid_rewards": stats["invalid_rewards"], "dropped_groups": stats["dropped_groups"],
+                       "nonfinite_rollouts": stats["nonfinite_rollouts"],
+                       "unreadable_images": stats["unreadable_images"],
                        "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
                        "samples_per_s": chunk.numel() / dt, **throughput(self.flops.take(), dt, env.device),
                        **times, "time_train": dt, "peak_memory_gb": peak_memory_gb(env.device)}
@@ -379,19 +441,18 @@ class Trainer:
 
     def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> torch.Tensor:
         """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms."""
-        cfg, env, fam = self.cfg, self.env, self.family
-        bsz, t_train = cfg.sampling.batch_size, self.plan.train_timesteps
-        n = self.plan.samples_per_rank
-        owner_counts = [sum(1 for g in chunk if g // n == rank) for rank in range(env.world_size)]
-        micro_batches = max(math.ceil(c / bsz) for c in owner_counts)
-        mine = [g - env.rank * n for g in chunk if g // n == env.rank]  # local positions
+        cfg, env, fam, plan = self.cfg, self.env, self.family, self.plan
+        t_train = plan.train_timesteps
+        owners = [plan.owner(g) for g in chunk]
+        micro_batches = max(math.ceil(owners.count(rank) / plan.batch_size) for rank in range(env.world_size))
+        first = rollouts.indices[0]
+        mine = [g - first for g, owner in zip(chunk, owners) if owner == env.rank]  # local positions
         denom = len(chunk) * t_train
         reduce_scale = loss_scale_for_reduction(env)
         sums = torch.zeros(5, dtype=torch.float64)
         grid = self.sigmas[:-1].to(torch.float32)
         shape = tuple(fam.latent_shape)
-        for mb in range(micro_batches):
-            local = mine[mb * bsz:(mb + 1) * bsz]
+        for local in even_split(mine, micro_batches):  # the same count on every rank, each ≤ sampling.batch_size
             weight = 1.0
             if not local:  # padding: keep this rank's collectives in step with the others, contribute nothing
                 local, weight = [0], 0.0
@@ -429,8 +490,15 @@ class Trainer:
             v_old = velocity["old"](x_t, t)
             v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
         v_theta = velocity["default"](x_t, t)
-        return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max, mask=mask,
-                            v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight)
+        try:
+            return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max,
+                                mask=mask, v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight)
+        except NonFiniteError:
+            # Diverged weights: every term becomes NaN, but the backward through θ's forward still runs, so the
+            # ranks' collectives stay in step; optimizer_step then skips the step on every rank alike.
+            nan = v_theta.float().sum() * float("nan")
+            return NFTLossOutput(nan, nan, nan.detach(), nan.detach().expand(v_theta.shape[0]), nan.detach(),
+                                 nan.detach())
 
     def optimizer_step(self, sums: torch.Tensor) -> dict[str, Any]:
         """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient."""
@@ -448,8 +516,10 @@ class Trainer:
             if self.nan_in_a_row >= self.max_nan_steps:
                 raise NonFiniteLossError(
                     f"{self.nan_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last: loss "
-                    f"{loss}, grad norm {grad_norm}); stopping. Lower optim.lr, check the rewards, or resume from "
-                    "the last checkpoint")
+                    f"{loss}, grad norm {grad_norm}); stopping without saving these weights. Likely causes: a "
+                    f"learning rate too high for these weights (optim.lr = {self.cfg.optim.lr:g}), no gradient "
+                    f"clipping (optim.max_grad_norm = {self.cfg.optim.max_grad_norm:g}), or fp16 overflow; resume "
+                    "from the last checkpoint with a lower optim.lr")
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -480,6 +550,16 @@ class Trainer:
         self.metrics.info(f"epoch {epoch}: eval reward (EMA, {cfg.eval.num_steps} {cfg.eval.solver} steps, "
                           f"{self.eval_count()} samples) {reward:.4f}")
 
+    @contextlib.contextmanager
+    def ema_swapped(self):
+        """The EMA weights in θ's place for no-grad forwards. FSDP2 keeps the last block gathered after a no-grad
+        forward; it is resharded before θ comes back, so no gathered EMA copy outlives the swap."""
+        with self.ema.swapped(self.weights.state("default")):  # state() reshards first
+            try:
+                yield
+            finally:
+                self.weights.reshard()
+
     def eval_count(self) -> int:
         """Samples in one evaluation (the eval split, capped by eval.max_samples)."""
         n = len(self.family.eval_dataset)
@@ -507,7 +587,7 @@ class Trainer:
         images, scores, valid = [], [], []
         for start in range(0, per, cfg.eval.batch_size):
             index = indices[start:start + cfg.eval.batch_size]
-            batch = [data[i] for i in index]
+            batch, readable = zip(*(self._read(data.__getitem__, i, i, data) for i in index))
             cond = fam.conditioning(batch)
             noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape)
             sigmas = fam.sigmas(cfg.eval.num_steps)
@@ -520,16 +600,17 @@ class Trainer:
                 if weights == "base":
                     x0 = run("ref")
                 elif weights == "ema":
-                    with self.ema.swapped(self.weights.state("default")):
+                    with self.ema_swapped():
                         x0 = run()
                 else:
                     x0 = run()
-            edited = fam.decode(x0).cpu()
+            finite = torch.isfinite(x0.flatten(1)).all(dim=1)
+            edited = torch.nan_to_num(fam.decode(torch.where(finite.view(-1, 1, 1), x0, 0.0))).cpu()
             result = self.reward_fn(edited, fam.source_images(batch).cpu(), [s.prompt for s in batch],
                                     [fam.reward_metadata(s) for s in batch])
             images.append(edited)
             scores.append(result.scores.float())
-            valid.append(result.valid & torch.isfinite(result.scores))
+            valid.append(result.valid & torch.isfinite(result.scores) & finite.cpu() & torch.tensor(readable))
         keep = all_gather_cat(torch.cat(valid) & real, env)
         scores = all_gather_cat(torch.nan_to_num(torch.cat(scores)), env)[keep]
         return (float(scores.double().mean()) if scores.numel() else float("nan")), torch.cat(images)[real]
@@ -543,13 +624,27 @@ class Trainer:
 
     def save(self) -> Path:
         cfg = self.cfg
+        self._refuse_non_finite_weights()
         export = self._export_lora if cfg.checkpoint.export_lora else None
+        state = {**self.trainer_state(), "finetune": self.weights.kind}  # a resume checks it: lora or full
         path = ckpt.save_checkpoint(cfg.run.checkpoint_dir, self.epoch, weights=self.weights,
-                                    optimizer=self.optimizer, ema=self.ema, trainer_state=self.trainer_state(),
+                                    optimizer=self.optimizer, ema=self.ema, trainer_state=state,
                                     config_toml=config_to_toml(cfg), env=self.env,
-                                    keep_latest=cfg.checkpoint.keep_latest, export=export)
+                                    keep_latest=cfg.checkpoint.keep_latest, export=export, log=self.metrics.info)
         self.metrics.info(f"# saved {path}")
         return path
+
+    def _refuse_non_finite_weights(self) -> None:
+        """A checkpoint of NaN/inf weights would only hide the last good one from `--resume latest`: stop instead.
+        One flag per rank (the local shards), agreed over ranks."""
+        tensors = [*self.params, *self.ema.shadow.values()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+        bad = float(not all(bool(torch.isfinite(t).all()) for t in local))
+        if all_reduce_max(bad, self.env) > 0:
+            raise NonFiniteLossError(
+                f"epoch {self.epoch}: the trained weights are not finite; no checkpoint written. Likely causes: a "
+                f"learning rate too high (optim.lr = {self.cfg.optim.lr:g}) or fp16 overflow; resume from the last "
+                "checkpoint with a lower optim.lr")
 
     def _export_lora(self, path: Path) -> None:
         """EMA weights as PEFT and diffusers LoRA files (lora_ema/), or a diffusers transformer folder for full
@@ -565,13 +660,19 @@ class Trainer:
             shutil.rmtree(out, ignore_errors=True)
 
     def load(self, path: Path) -> None:
-        state = ckpt.load_checkpoint(path, weights=self.weights, optimizer=self.optimizer, ema=self.ema)
-        self.step, self.epoch = state["step"], state["epoch"]
-        self.ema.num_updates = state["ema_updates"]
-        self.ban.load_state_dict(state["prompt_ban"])
-        self.nan_in_a_row, self.nan_skipped = state["nan_in_a_row"], state["nan_skipped"]
-        self.epoch_rewards = list(state["epoch_rewards"])
-        self.eval_rewards = [tuple(x) for x in state.get("eval_rewards", [])]
+        """Restore the run's state from checkpoint `path`; CheckpointError (one line, every rank) if it cannot."""
+        state = ckpt.load_checkpoint(path, weights=self.weights, optimizer=self.optimizer, ema=self.ema, env=self.env)
+        try:
+            self.step, self.epoch = state["step"], state["epoch"]
+            self.ema.num_updates = state["ema_updates"]
+            self.ban.load_state_dict(state["prompt_ban"])
+            self.nan_in_a_row, self.nan_skipped = state["nan_in_a_row"], state["nan_skipped"]
+            self.epoch_rewards = list(state["epoch_rewards"])
+            self.eval_rewards = [tuple(x) for x in state.get("eval_rewards", [])]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ckpt.CheckpointError(f"{Path(path) / ckpt.TRAINER_STATE} lacks or garbles {err}") from None
+        for group in self.optimizer.param_groups:  # the optimizer state brought the saved lr; optim.lr may change
+            group["lr"] = self.cfg.optim.lr
 
 
 def _main_thread() -> bool:

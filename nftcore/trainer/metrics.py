@@ -112,6 +112,11 @@ class MetricsLogger:
         if self.enabled and self.echo:
             self._print(message)
 
+    def warn(self, message: str, *, every_rank: bool = False) -> None:
+        """`warning: message` on stderr: rank 0's, or with `every_rank` any rank's (for what only that rank saw)."""
+        if (self.enabled or every_rank) and self.echo:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
     def log_images(self, tag: str, step: int, path: str | Path, *columns) -> None:
         """A grid (one row per sample, one column per [B, 3, H, W] batch in [0, 1]) to `path` and the trackers."""
         if not self.enabled:
