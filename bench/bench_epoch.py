@@ -167,7 +167,8 @@ def kontext_args(out: Path, folder: Path, data: Path, judge: Path, device: torch
     """`kontext_edit_r1` with the sizes shrunk to a tiny pipeline; everything else is the recipe's."""
     size, k, g, bsz, steps = (32, 2, 2, 2, 2) if smoke else (128, 4, 2, 2, 6)
     dtype = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmuls are slow on most CPUs
-    return ["--config=kontext_edit_r1", f"--run.out={out}", "--run.overwrite=true", f"--model.path={folder}", f"--model.dtype={dtype}",
+    return ["--config=kontext_edit_r1", f"--run.out={out}", "--run.overwrite=true", f"--model.path={folder}",
+            f"--model.dtype={dtype}",
             f"--data.path={data}", "--data.num_workers=0", f"--sampling.resolution={size}",
             f"--sampling.group_size={k}", f"--sampling.groups_per_epoch={g}", f"--sampling.batch_size={bsz}",
             f"--sampling.num_steps={steps}", "--lora.rank=4", "--lora.alpha=8", "--reward.backend=local",

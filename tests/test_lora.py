@@ -23,7 +23,6 @@ from nftcore.models.lora import (
     ATTENTION_SUFFIXES,
     LoRALinear,
     active_adapter,
-    using_adapter,
     adapter_state,
     adapters_disabled,
     apply_lora,
@@ -35,6 +34,7 @@ from nftcore.models.lora import (
     split_input_linear,
     trainable_parameters,
     unmerge_adapter,
+    using_adapter,
 )
 from nftcore.models.lora_io import (
     DIFFUSERS_METADATA_KEY,

@@ -21,8 +21,14 @@ from PIL import BmpImagePlugin, EpsImagePlugin, GifImagePlugin, Image, ImageFile
 
 from nftcore.reward import HTTPReward
 from nftcore.reward.http_client import TOKEN_ENV, encode_image
-from nftcore.reward.server import (DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MAX_TEXT_CHARS, RewardServer, _DeadlineReader,
-                                   is_loopback, main)
+from nftcore.reward.server import (
+    DEFAULT_MAX_REQUEST_PIXELS,
+    DEFAULT_MAX_TEXT_CHARS,
+    RewardServer,
+    _DeadlineReader,
+    is_loopback,
+    main,
+)
 from tests.reward_fixtures import random_images, tiny_scorer
 from tests.test_reward_server import FakeScorer, count_attempts, payload, raw_post, small_batch
 

@@ -138,7 +138,8 @@ class Gated:
         while not all(p.exists() for p in arrived):
             if self.proc.poll() is not None:
                 out, err = self.proc.communicate()
-                pytest.fail(f"the job ended (exit {self.proc.returncode}) before its gate:\n{out[-2000:]}\n{err[-4000:]}")
+                pytest.fail(f"the job ended (exit {self.proc.returncode}) before its gate:\n{out[-2000:]}\n"
+                            f"{err[-4000:]}")
             time.sleep(0.02)  # polls for the event; how long it takes does not matter
         return [int(p.read_text()) for p in arrived]
 
@@ -217,7 +218,7 @@ def test_a_killed_rank_ends_the_whole_job(tmp_path):
     survivor, victim = job.wait()
     os.kill(victim, signal.SIGKILL)
     job.release([0])  # rank 0 goes on to the epoch's reward all-gather, which rank 1 never joins
-    code, _, stderr = job.finish(timeout=120)  # a bound for a hang, not a synchronisation
+    code, _, _ = job.finish(timeout=120)  # a bound for a hang, not a synchronisation
     assert code != 0
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)

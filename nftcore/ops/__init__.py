@@ -10,4 +10,5 @@ from .nft_loss import nft_loss
 from .reference import NFTLossOutput
 from .score_logits import score_logits
 
-__all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "attention", "last_backend", "nft_loss", "score_logits", "select_backend"]
+__all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "attention", "last_backend", "nft_loss", "score_logits",
+           "select_backend"]

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -199,3 +201,37 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-item list on one process)."""
+    if env.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def on_rank0(env: DistEnv, fn: Callable[[], Any]) -> Any:
+    """`fn()` run on rank 0 and its result shared with every rank; an exception there is raised on every rank
+    (ConfigError and CheckpointError as themselves, anything else as a RuntimeError naming it), so no rank is left
+    waiting in a collective the others skipped."""
+    if env.world_size == 1:
+        return fn()
+    outcome = None
+    if env.is_main:
+        try:
+            outcome = ("ok", fn())
+        except BaseException as err:  # noqa: BLE001 - re-raised as soon as the others have been told
+            outcome = ("error", type(err).__name__, str(err))
+            broadcast_object(outcome, env)
+            raise
+    outcome = broadcast_object(outcome, env)
+    if outcome[0] == "ok":
+        return outcome[1]
+    _, name, message = outcome
+    from nftcore.config import ConfigError
+    from nftcore.trainer.checkpoint_errors import CheckpointError
+
+    kind = {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(name)
+    raise kind(message) if kind else RuntimeError(f"rank 0 failed: {name}: {message}")

@@ -41,8 +41,7 @@ import torch
 from nftcore.config import ConfigError, TrainConfig, batch_plan, config_to_toml
 from nftcore.config.batching import even_split
 from nftcore.config.errors import UnsupportedConfigError
-from nftcore.data import ImageDecodeError
-from nftcore.data import derive_seed
+from nftcore.data import ImageDecodeError, derive_seed
 from nftcore.nft import EMA, OldPolicySchedule, PromptBan, low_variance_filter, rewards_to_optimality
 from nftcore.ops import NFTLossOutput, NonFiniteError, nft_loss
 from nftcore.reward.base import format_error_summary, summarize_errors
@@ -127,8 +126,9 @@ class Trainer:
         self.env = env or init_distributed(cfg)
         self.plan = batch_plan(cfg, self.env.world_size)
         if cfg.parallel.shard_text_encoder and self.env.world_size > 1 and cfg.model.family == "demo":
-            raise UnsupportedConfigError("parallel.shard_text_encoder=true: the demo's text encoder is part of its tiny "
-                                      "policy and always replicated; run with --parallel.shard_text_encoder=false")
+            raise UnsupportedConfigError("parallel.shard_text_encoder=true: the demo's text encoder is part of its "
+                                         "tiny policy and always replicated; run with "
+                                         "--parallel.shard_text_encoder=false")
         if self.env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
         torch.manual_seed(cfg.run.seed)
@@ -150,8 +150,8 @@ class Trainer:
         self.ban = PromptBan(cfg.filter.mean_threshold, cfg.filter.std_threshold)
         self.sigmas = self.family.sigmas(cfg.sampling.num_steps)
         if cfg.optim.mixed_precision == "fp16":
-            raise UnsupportedConfigError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not "
-                                      "have yet; use 'bf16' (Edit-R1's choice) or 'no'")
+            raise UnsupportedConfigError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does "
+                                         "not have yet; use 'bf16' (Edit-R1's choice) or 'no'")
         self.eval_rewards: list[tuple[int, float]] = []
         self.last_eval: tuple[int, float, torch.Tensor] | None = None  # (epochs done, reward, rank's images)
         self.step = self.epoch = 0
