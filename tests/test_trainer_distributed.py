@@ -58,10 +58,12 @@ def test_every_multirank_path_runs_to_its_end_and_matches_one_rank(tmp_path, lay
     and replication with one gradient all-reduce per step, each through the command line: 2 epochs with an EMA
     evaluation after each (several eval calls per rank, a padded last slice), checkpoints and exports, the demo's
     final evaluation and pictures, exit 0; then the run resumed on 1 rank for a third epoch. Every loss and evaluation
-    equals the one-process run's: an evaluation does not leak into training, and the split changes nothing."""
+    equals the one-process run's: an evaluation does not leak into training, and neither the split over ranks nor
+    stacking the timesteps into one pass changes anything."""
     nproc, layout_args = LAYOUTS[layout]
     args = {**RANKS_ARGS, **layout_args}
-    run_tiny(tmp_path / "one", **{**args, "run.epochs": 3})  # in process (no process group, no FSDP), one thread
+    # In process (no process group, no FSDP), one thread, one timestep per pass; the jobs stack them (the default).
+    run_tiny(tmp_path / "one", **{**args, "run.epochs": 3, "nft.timestep_chunk": 1})
     out = tmp_path / "many"
     run_job(tiny_args(out, **{**args, "run.epochs": 2}), nproc=nproc)
     many = losses(out)

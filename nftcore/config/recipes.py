@@ -76,6 +76,9 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
             timestep_fraction=0.99,  # int(6 × 0.99) = 5 of the 6 sampler timesteps per sample
             decay_type=1,  # η = min(0.001·step, 0.5)
             ema_decay=0.9,
+            # One timestep per pass, as the memory plan (docs/TRAINING.md) was measured: stacking all 5 needs ~5x the
+            # saved activations, which a replicated 20B transformer has no room for; sharded runs can raise it.
+            timestep_chunk=1,
         ),
         # The reference serves the 32B judge with vLLM on 8 GPUs of their own; it does not fit beside the policy.
         reward=RewardConfig(backend="server", model="Qwen/Qwen2.5-VL-32B-Instruct", server_url="", timeout_s=300.0,

@@ -163,9 +163,14 @@ class NFTConfig:
            "+0.0075/step up to 0.999 (DiffusionNFT OCR).")
     ema_decay: float = option(0.9, "Decay of the EMA of θ used for evaluation and checkpoints (warm-up "
                                    "(1 + s)/(10 + s)). Not the rollout policy.")
+    timestep_chunk: int = option(
+        0, "Training timesteps stacked into one forward/backward: a micro-batch of B samples goes through θ as B × "
+           "chunk rows. 0 stacks all T_train (fewest passes, most activation memory); 1 is one timestep per pass. "
+           "The same loss and gradients either way; lower it when B × T_train rows do not fit.")
 
     def problems(self) -> list[str]:
         return _failed({
+            f"nft.timestep_chunk must be ≥ 0, got {self.timestep_chunk}": self.timestep_chunk >= 0,
             f"nft.beta must be > 0, got {self.beta}": self.beta > 0,
             f"nft.kl_weight must be ≥ 0, got {self.kl_weight}": self.kl_weight >= 0,
             f"nft.adv_clip_max must be > 0, got {self.adv_clip_max}": self.adv_clip_max > 0,

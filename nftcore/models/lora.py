@@ -129,6 +129,7 @@ class LoRALinear(nn.Linear):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
+        self.row_scale: torch.Tensor | None = None  # [R]: each input row's share of the update (`adapter_per_row`)
         # output rows in order: (start, stop, segment index or None for rows without LoRA)
         self._runs: list[tuple[int, int, int | None]] = []
         row = 0
@@ -223,7 +224,17 @@ class LoRALinear(nn.Linear):
         if name is None:
             return y
         a = self._cat_a(name)
-        return self._add_update(y, F.linear(x.to(a.dtype), a) * self.scale(name), name)
+        return self._add_update(y, self._row_scaled(F.linear(x.to(a.dtype), a) * self.scale(name)), name)
+
+    def _row_scaled(self, h: torch.Tensor) -> torch.Tensor:
+        """h [R, ..., S·r] times each row's scale: the update is linear in h, so a row with scale 0 gets exactly the
+        base output and a row with scale 1 exactly the adapter's."""
+        if self.row_scale is None:
+            return h
+        if h.shape[0] != self.row_scale.shape[0]:
+            raise ValueError(f"adapter_per_row: {self.row_scale.shape[0]} row scales for an input of {h.shape[0]} "
+                             "rows (the first dim)")
+        return h * self.row_scale.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
 
     def forward_split_input(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """`self(torch.cat(parts, -1))` without materialising the concatenation (FLUX single blocks' proj_out reads
@@ -237,7 +248,7 @@ class LoRALinear(nn.Linear):
             return y
         a = self._cat_a(name)
         h = _split_input_linear([p.to(a.dtype) for p in parts], a.split(widths, dim=1), None) * self.scale(name)
-        return self._add_update(y, h, name)
+        return self._add_update(y, self._row_scaled(h), name)
 
     # ------------------------------------------------------------------------------------------------ merging
 
@@ -502,6 +513,24 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
         yield
     finally:
         set_active_adapter(model, previous)
+
+
+@contextmanager
+def adapter_per_row(model: nn.Module, name: str, scale: torch.Tensor) -> Iterator[None]:
+    """Adapter `name` active, its update multiplied per input row by `scale` [R] (first dim of every LoRA layer's
+    input): with scale 1 for some rows and 0 for others, one forward gives the adapted and the base model's outputs
+    side by side (θ_old and the reference of the NFT update in one pass). Restores each layer's state after."""
+    by_path = _layers_or_raise(model)
+    _check_has_adapter(by_path, name)
+    layers = list(by_path.values())
+    before = [(layer.active_adapter, layer.disabled, layer.row_scale) for layer in layers]
+    for layer in layers:
+        layer.active_adapter, layer.disabled, layer.row_scale = name, False, scale
+    try:
+        yield
+    finally:
+        for layer, (active, disabled, row_scale) in zip(layers, before):
+            layer.active_adapter, layer.disabled, layer.row_scale = active, disabled, row_scale
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:

@@ -279,6 +279,7 @@ def nft_loss(
     v_ref: torch.Tensor | None = None,
     kl_weight: float = 0.0,
     negative_weight: float = 1.0,
+    check_values: bool = True,
 ) -> NFTLossOutput:
     """DiffusionNFT loss with x0-space adaptive weighting (ALGORITHM.md §1.2). Only `v_theta` receives a gradient.
 
@@ -296,6 +297,9 @@ def nft_loss(
         v_ref: reference (base-model) velocity for the velocity-space L2 regulariser.
         kl_weight: weight of that regulariser (needs `v_ref` when non-zero).
         negative_weight: weight of the negative branch; 0 is the positive-only ablation.
+        check_values: check t, r and mask ranges and the result's finiteness (one host sync per call; a bad value is
+            a ValueError, a non-finite one a `NonFiniteError`). A caller that checks the summed loss and gradient
+            itself (the trainer, once per optimizer step) passes False and gets NaN through instead of a wait.
 
     All arithmetic accumulates in fp32 (fp64 for fp64 inputs); the outputs are in that dtype. On CUDA (fp16/bf16/fp32)
     the Triton backend computes everything, and ∂loss/∂v_θ when v_theta requires grad, in two launches; backpropagating
@@ -312,7 +316,7 @@ def nft_loss(
         float(negative_weight), torch.is_grad_enabled() and v_theta.requires_grad,
     )
     out = NFTLossOutput(*outputs[:4], outputs[4].detach(), outputs[5].detach())
-    if not torch.compiler.is_compiling():
+    if check_values and not torch.compiler.is_compiling():
         _check_values(out, v_theta, v_old, x_t, x0, t, r, mask, v_ref)
     return out
 

@@ -400,7 +400,7 @@ class Trainer:
         if cfg.filter.ban_prompts:
             ids = self.family.train_dataset.sample_ids
             self.ban.update(scores[sel], group[sel], [ids[self._groups[int(gi)]] for gi in group[sel]])
-        r = torch.zeros(total)
+        r = torch.zeros(total, dtype=r_sel.dtype)
         r[sel] = r_sel
         train = torch.zeros(total, dtype=torch.bool)
         train[sel] = keep_sel
@@ -440,43 +440,65 @@ class Trainer:
                 bar.advance()
 
     def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> torch.Tensor:
-        """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms."""
+        """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms.
+
+        A micro-batch's T_train timesteps go through the model `nft.timestep_chunk` at a time as stacked rows
+        (timestep-major: row j·B + b is sample b at its j-th timestep), each row with its own σ, noise, r and
+        conditioning, so one forward and one backward serve B × chunk (sample, timestep) pairs. The loss is the
+        masked mean over the rows times their share of the step's global count: the same sum as one pass per
+        timestep. Nothing here waits for the device: the weights of the terms are known on the host, the logged
+        terms add up on the device, and non-finite values show in the step's sums and gradient norm at its end."""
         cfg, env, fam, plan = self.cfg, self.env, self.family, self.plan
         t_train = plan.train_timesteps
+        per_pass = cfg.nft.timestep_chunk or t_train
         owners = [plan.owner(g) for g in chunk]
         micro_batches = max(math.ceil(owners.count(rank) / plan.batch_size) for rank in range(env.world_size))
         first = rollouts.indices[0]
         mine = [g - first for g, owner in zip(chunk, owners) if owner == env.rank]  # local positions
         denom = len(chunk) * t_train
         reduce_scale = loss_scale_for_reduction(env)
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
         grid = self.sigmas[:-1].to(torch.float32)
         shape = tuple(fam.latent_shape)
         for local in even_split(mine, micro_batches):  # the same count on every rank, each ≤ sampling.batch_size
             weight = 1.0
             if not local:  # padding: keep this rank's collectives in step with the others, contribute nothing
                 local, weight = [0], 0.0
+            batch = len(local)
             index = torch.tensor(local)
             x0 = rollouts.latents[index.to(rollouts.latents.device)]
             cond = fam.index_conditioning(rollouts.cond, index)
             r = r_global[[rollouts.indices[i] for i in local]].to(env.device)
-            mask = torch.full((len(local),), weight, device=env.device)
             steps = torch.stack([sample_timesteps(cfg.run.seed, epoch, rollouts.indices[i], cfg.sampling.num_steps,
                                                   t_train) for i in local])  # [B, T]
             noise = torch.stack([sample_train_noise(cfg.run.seed, epoch, rollouts.indices[i], t_train, shape)
                                  for i in local])  # [B, T, N, C]
-            velocity = {which: self.weights.velocity(cond, which) for which in ("default", "old", "ref")}
-            for j in range(t_train):
-                t = grid[steps[:, j]].to(env.device)
-                eps = noise[:, j].to(env.device, x0.dtype)
+            velocities: dict[int, dict[str, Callable]] = {}  # by rows per pass (the last pass may be shorter)
+            for j0 in range(0, t_train, per_pass):
+                js = list(range(j0, min(j0 + per_pass, t_train)))
+                rows = len(js)
+                if rows not in velocities:
+                    stacked = cond if rows == 1 else fam.index_conditioning(cond, torch.arange(batch).repeat(rows))
+                    velocities[rows] = {which: self.weights.velocity(stacked, which)
+                                        for which in ("default", "old", "ref")}
+                    if self.weights.kind == "lora" and cfg.nft.kl_weight > 0:  # θ_old and the reference in one pass
+                        doubled = fam.index_conditioning(cond, torch.arange(batch).repeat(2 * rows))
+                        velocities[rows]["old+ref"] = self.weights.old_and_ref_velocity(doubled)
+                t = grid[steps[:, js].T.reshape(-1)].to(env.device)  # [rows·B]
+                eps = noise[:, js].transpose(0, 1).reshape(rows * batch, *shape).to(env.device, x0.dtype)
+                x0_rows = x0.repeat(rows, *([1] * (x0.dim() - 1)))
                 tv = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
-                x_t = (1.0 - tv) * x0 + tv * eps
-                out = self.nft_terms(velocity, x_t, x0, t, r, mask)
-                scale = float(mask.sum()) / denom
-                (out.loss * (scale * reduce_scale)).backward()
+                x_t = (1.0 - tv) * x0_rows + tv * eps
+                mask = torch.full((rows * batch,), weight, device=env.device)
+                scale = weight * rows * batch / denom  # = mask.sum() / denom, known without asking the device
+                try:
+                    out = self.nft_terms(velocities[rows], x_t, x0_rows, t, r.repeat(rows), mask)
+                    (out.loss * (scale * reduce_scale)).backward()
+                except torch.OutOfMemoryError as err:
+                    raise _rows_do_not_fit(err, rows, batch, per_pass, t_train) from err
                 terms = torch.stack([out.loss, out.policy_loss, out.kl_loss, out.old_deviate, out.x0_norm])
-                sums += terms.detach().double().cpu() * scale
-        return all_reduce_sum(sums, env)
+                sums += terms.detach().double() * scale
+        return all_reduce_sum(sums.cpu(), env)
 
     def nft_terms(self, velocity, x_t, x0, t, r, mask):
         """The three velocities at (x_t, t) and `nft_loss`; θ's forward runs last, so activation checkpointing
@@ -487,12 +509,16 @@ class Trainer:
 
     def _nft_terms(self, velocity, x_t, x0, t, r, mask, nft):
         with torch.no_grad():
-            v_old = velocity["old"](x_t, t)
-            v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
+            if "old+ref" in velocity:  # LoRA: the two differ only in the adapter, so one forward over [rows; rows]
+                v_old, v_ref = velocity["old+ref"](torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+            else:
+                v_old = velocity["old"](x_t, t)
+                v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
         v_theta = velocity["default"](x_t, t)
         try:
             return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max,
-                                mask=mask, v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight)
+                                mask=mask, v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight,
+                                check_values=False)
         except NonFiniteError:
             # Diverged weights: every term becomes NaN, but the backward through θ's forward still runs, so the
             # ranks' collectives stay in step; optimizer_step then skips the step on every rank alike.
@@ -673,6 +699,12 @@ class Trainer:
             raise ckpt.CheckpointError(f"{Path(path) / ckpt.TRAINER_STATE} lacks or garbles {err}") from None
         for group in self.optimizer.param_groups:  # the optimizer state brought the saved lr; optim.lr may change
             group["lr"] = self.cfg.optim.lr
+
+
+def _rows_do_not_fit(err: BaseException, rows: int, batch: int, per_pass: int, t_train: int) -> RuntimeError:
+    return RuntimeError(f"out of memory in a training pass of {rows} timestep(s) × {batch} sample(s) = {rows * batch} "
+                        f"rows (nft.timestep_chunk = {per_pass or t_train} of T_train = {t_train}); lower "
+                        f"--nft.timestep_chunk (1 is one timestep per pass) or sampling.batch_size: {err}")
 
 
 def _main_thread() -> bool:

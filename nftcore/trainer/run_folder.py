@@ -45,6 +45,7 @@ Allowed, and each change logged:
     reward.server_url, reward.timeout_s, reward.max_retries   where the judge runs and how patiently it is asked
     optim.lr                          to rescue a diverging run; applied over the lr stored with the optimizer
     optim.allow_tf32                  a CUDA matmul speed switch
+    nft.timestep_chunk                how many timesteps share a forward: the same loss, other memory
     data.num_workers, data.bad_lines, data.verify_images      reading the same data (switching to 'skip' is the way
                                       on after a bad image stopped a run)
 
@@ -70,7 +71,8 @@ PROBE = ".nftcore-write-probe"
 REFUSED_ON_RESUME = ("model", "lora", "sampling", "nft", "reward", "filter", "optim", "data", "run.seed")
 ALLOWED_ON_RESUME = ("run", "parallel", "checkpoint", "metrics", "eval", "model.gradient_checkpointing",
                      "sampling.batch_size", "reward.server_url", "reward.timeout_s", "reward.max_retries", "optim.lr",
-                     "optim.allow_tf32", "data.num_workers", "data.bad_lines", "data.verify_images")
+                     "optim.allow_tf32", "data.num_workers", "data.bad_lines", "data.verify_images",
+                     "nft.timestep_chunk")
 NOT_LOGGED = ("checkpoint.resume",)  # differs on every resume
 FINETUNE_NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
 
