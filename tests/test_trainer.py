@@ -66,6 +66,7 @@ def test_smoke_run_writes_metrics_checkpoints_and_lora(tmp_path):
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
         assert {"policy_loss", "kl_loss", "old_deviate", "x0_norm", "invalid_rewards", "samples_per_s",
                 "time_rollout", "time_reward_wait", "time_train"} <= row.keys()
+        assert row["samples_per_s_per_rank"] == row["samples_per_s"] and row["rollout_samples_per_s_per_rank"] > 0
     assert result["step"] == 4 and result["epoch"] == 2
     last = tmp_path / "checkpoints" / "epoch-000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-000002"]  # keep_latest = 1

@@ -67,6 +67,8 @@ def test_every_multirank_path_runs_to_its_end_and_matches_one_rank(tmp_path, lay
     out = tmp_path / "many"
     run_job(tiny_args(out, **{**args, "run.epochs": 2}), nproc=nproc)
     many = losses(out)
+    for row in read_metrics(out / "metrics.jsonl"):  # throughput per rank, the unit peers publish
+        assert abs(row["samples_per_s_per_rank"] * nproc - row["samples_per_s"]) <= 1e-9 * row["samples_per_s"]
     assert (out / "before_after.png").is_file()  # train.py's demo pictures, from rank 0's share
     last = out / "checkpoints" / "epoch-000002"
     assert (last / "COMPLETE").is_file() and (last / "lora_ema" / "peft").is_dir()

@@ -234,18 +234,22 @@ class Trainer:
         t1 = time.perf_counter()
         stats = self.advantages(epoch, rollouts)
         self.epoch_rewards.append(stats["reward_mean"])
-        times = {"time_rollout": t1 - t0 - reward_time, "time_reward_wait": reward_time}
+        times = {"time_rollout": t1 - t0 - reward_time, "time_reward_wait": reward_time,
+                 "rollout_samples_per_s_per_rank": len(rollouts.indices) / max(t1 - t0, 1e-9)}
         rollout = throughput(self.flops.take(), times["time_rollout"], env.device)
         times.update(rollout_tflops=rollout["tflops"], rollout_mfu=rollout["mfu"])
         self.train_epoch(epoch, rollouts, stats, times)
         eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
+        # The epoch's samples per rank per second, rollouts to old-policy update (the unit peers publish:
+        # samples/card/s); evaluation is not part of it.
+        per_rank = self.plan.samples_per_epoch / env.world_size / (time.perf_counter() - t0)
         every = cfg.eval.every
         if every and (epoch + 1) % every == 0:
             self.periodic_eval(epoch)
         self.metrics.info(f"epoch {epoch}: reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f} over "
                           f"{stats['valid_samples']} samples, filtered {stats['filtered_fraction']:.2f}, "
                           f"dropped groups {stats['dropped_groups']}, old-policy η {eta:.3f}, "
-                          f"{time.perf_counter() - t0:.1f} s")
+                          f"{per_rank:.3g} samples/s/rank, {time.perf_counter() - t0:.1f} s")
         if self._reward_errors:
             rank = f" (rank {env.rank})" if env.world_size > 1 else ""
             self.metrics.warn(f"epoch {epoch}{rank}: {format_error_summary(self._reward_errors)}", every_rank=True)
@@ -434,7 +438,9 @@ class Trainer:
                        "nonfinite_rollouts": stats["nonfinite_rollouts"],
                        "unreadable_images": stats["unreadable_images"],
                        "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
-                       "samples_per_s": chunk.numel() / dt, **throughput(self.flops.take(), dt, env.device),
+                       "samples_per_s": chunk.numel() / dt,
+                       "samples_per_s_per_rank": chunk.numel() / dt / env.world_size,
+                       **throughput(self.flops.take(), dt, env.device),
                        **times, "time_train": dt, "peak_memory_gb": peak_memory_gb(env.device)}
                 self.metrics.log_step(row)
                 bar.advance()

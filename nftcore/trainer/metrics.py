@@ -193,13 +193,14 @@ class Progress:
 
 def format_step(row: dict[str, Any]) -> str:
     """`epoch 1 step 4 | loss 0.1234 (pol 0.1230 kl 4.00e-04) | reward 0.512±0.101 | filtered 0.00 invalid 0 |
-    |g| 0.310 | dev 1.20e-03 x0 0.52 | 3.1 samples/s 0.01 TFLOP/s [MFU 35.2%] | rollout 1.2 s reward 0.1 s train
-    0.4 s | peak 1.23 GB` (a missing value reads `nan`; MFU only where the device peak is known)."""
+    |g| 0.310 | dev 1.20e-03 x0 0.52 | 3.1 samples/s (1.55/rank) 0.01 TFLOP/s [MFU 35.2%] | rollout 1.2 s reward
+    0.1 s train 0.4 s | peak 1.23 GB` (a missing value reads `nan`; MFU only where the device peak is known)."""
     def num(key: str, fmt: str = ".4f") -> str:
         value = row.get(key)
         return "nan" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:{fmt}}"
 
-    speed = f"{num('samples_per_s', '.1f')} samples/s {num('tflops', '.3g')} TFLOP/s"
+    speed = (f"{num('samples_per_s', '.1f')} samples/s ({num('samples_per_s_per_rank', '.3g')}/rank) "
+             f"{num('tflops', '.3g')} TFLOP/s")
     if row.get("mfu") is not None:
         speed += f" MFU {100 * row['mfu']:.1f}%"
     parts = [
