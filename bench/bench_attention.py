@@ -1,13 +1,13 @@
 """Benchmark of `nftcore.ops.attention` (Triton on CUDA) against PyTorch SDPA's backends and flash-attn, at the joint
 attention shapes of FLUX.1-Kontext and Qwen-Image-Edit and at the FlashAttention paper protocol.
 
-Why these baselines (docs/TARGETS.md §2): default SDPA on H100 is FlashAttention-2 (~330 TFLOP/s at D=128), the easy
+Why these baselines: default SDPA on H100 is FlashAttention-2 (~330 TFLOP/s at D=128), the easy
 one; cuDNN attention (~600 TFLOP/s) and FA3 are the real ceiling, so both are always in the table. SDPA gets its
 preferred [B, H, N, D] layout as the transposed views diffusers passes it; nftcore reads [B, N, H, D] directly.
 `nftcore+rope` adds the in-kernel RoPE (what the model calls); `sdpa+rope` is diffusers' way: rotate q and k in
 eager fp32, then SDPA - the pair to compare for "what does fusing RoPE buy".
 
-FLOPs (TARGETS.md §2.1): forward 4·B·H·N²·D, backward 2.5× forward. Every provider's output is first checked
+FLOPs: forward 4·B·H·N²·D, backward 2.5× forward. Every provider's output is first checked
 against SDPA-math in fp32 (relative max error printed, and a warning past the bf16/fp16 tolerance), so a fast
 wrong kernel cannot pass as a speedup.
 

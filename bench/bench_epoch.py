@@ -3,7 +3,7 @@ DiffusionNFT code runs it, per phase (rollout, reward, update) and in total, wit
 
 Why this baseline: the other benchmarks time one piece each (the loss, the transformer, the judge). What a user pays
 is the epoch: G·K rollouts with the "old" adapter, their rewards, then the NFT update over every (sample, timestep)
-pair. The reference side is that epoch built from what the official scripts use (ALGORITHM.md §1.8, §2, §5.3):
+pair. The reference side is that epoch built from what the official scripts use:
 
 - the diffusers `FluxTransformer2DModel` with the same base weights (the demo's nftcore MMDiT is exported with
   `save_pretrained`, the diffusers layout; the Kontext pipeline folder is loaded as is), wrapped with PEFT
@@ -31,7 +31,7 @@ the dataset rows of every epoch. What differs (besides the code under test):
 
 - nftcore drops low-variance groups *before* micro-batching (no forward for a filtered sample) and normalises by the
   global (sample, timestep) count; the reference runs every sample and masks its loss, dividing by
-  grad_accum · T_train (ALGORITHM.md §4.2, §11.9);
+  grad_accum · T_train;
 - random draws differ (nftcore seeds per sample; the reference draws per batch), so rewards and losses differ after
   the first rollout; each side's filtered fraction is printed;
 - the reference's judge sees the edit as a uint8 PIL image in process (the official client sends JPEG over HTTP);
@@ -235,7 +235,7 @@ class NftcoreSide:
 
 
 def dpm2_rollout(velocity: Callable, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """The official deterministic dpm2 rollout (ALGORITHM.md §2), written out: first step DDIM in data-prediction
+    """The official deterministic dpm2 rollout, written out: first step DDIM in data-prediction
     form, then DPM-Solver++(2M) with lambda = log((1 - s) / s), the step to 0 returns the last x0 prediction."""
     prev_x0, prev_lam = None, None
     for s, s_next in zip(sigmas, sigmas[1:]):
@@ -564,7 +564,7 @@ class ReferenceSide:
 
     @torch.no_grad()
     def soft_update_old(self) -> None:
-        """θ_old ← η·θ_old + (1 − η)·θ with the decay_type preset (ALGORITHM.md §1.5)."""
+        """θ_old ← η·θ_old + (1 − η)·θ with the decay_type preset."""
         flat, rate, cap = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}[self.cfg.nft.decay_type]
         eta = 0.0 if self.step < flat else min(rate * (self.step - flat), cap)
         for old, new in zip(self.old_params, self.trainable):

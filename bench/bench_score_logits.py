@@ -38,7 +38,7 @@ from tests.test_score_logits import QWEN_DIGIT_IDS, naive_score_logits, peak_all
 
 BENCH = "score_logits"
 BASELINE = "eager"
-# Qwen2.5-VL-7B: hidden 3584, lm_head Linear(3584, 152064) (TARGETS.md section 3.2). Not in bench/shapes.py yet.
+# Qwen2.5-VL-7B: hidden 3584, lm_head Linear(3584, 152064). Not in bench/shapes.py yet.
 HEAD_NAME, HIDDEN, VOCAB = "qwen2.5-vl-7b", 3584, 152064
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

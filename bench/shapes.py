@@ -1,4 +1,4 @@
-"""Benchmark shapes taken from the models nftcore trains (STYLE.md §8 item 9), so no benchmark hard-codes a size.
+"""Benchmark shapes taken from the models nftcore trains, so no benchmark hard-codes a size.
 
 Why a registry: a kernel tuned on a round 4096 can lose on the 2348-token sequence Qwen-Image-Edit really produces,
 and the NFT loss at B=3, N=1024 is launch-bound while the bandwidth shape is not. Every bench sweeps names from here.

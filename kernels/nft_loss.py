@@ -1,4 +1,4 @@
-"""The DiffusionNFT loss (ALGORITHM.md §1.2) and its gradient for `v_θ` in two Triton launches.
+"""The DiffusionNFT loss and its gradient for `v_θ` in two Triton launches.
 
 Why two: the adaptive weight d± = max(mean|e±|, 1e-5) is a reduction over a whole sample, and every element's gradient
 needs it, so no single pass can both reduce and write the gradient without a grid-wide barrier.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Launch `python -m nftcore.train` under torchrun (STYLE.md §8.12): one node or many, one config.
+# Launch `python -m nftcore.train` under torchrun: one node or many, one config.
 #
 #   scripts/train.sh [--dry-run] [--config RECIPE|FILE.toml] [--resume latest|PATH] [--section.key=value ...]
 #

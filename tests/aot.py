@@ -4,7 +4,7 @@ Why: the interpreter (`TRITON_INTERPRET=1`, used by the CPU test suite) accepts 
 rejects (a `tl.dot` with K < 16, for instance) and says nothing about shared memory, registers or which MMA
 instructions a config turns into. `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the real
 pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with Triton's bundled ptxas) without a driver, so CI can check
-every shipped kernel config for sm_90. See docs/ENVIRONMENT.md section 2b.
+every shipped kernel config for sm_90.
 
 The compile runs in a subprocess (`python -m tests.aot`, specs as JSON on stdin, results as JSON on stdout) because
 the test process has `TRITON_INTERPRET=1` set before any kernel module is imported, and a module imported under the

@@ -4,7 +4,7 @@ kernel configuration.
 
 Sizes: the interpreter costs ~3.5 ms per (program, inner iteration); with the 64×64 interpreter tiles one fwd+bwd
 costs about 3·B·H·⌈N_q/64⌉·⌈N_k/64⌉ of those, so every case below stays at or under ~150 of them.
-Tolerances follow the flash-attn rule (STYLE.md §8.4): |triton − fp64| ≤ 2·|torch-in-dtype − fp64| + ε for the
+Tolerances follow the flash-attn rule: |triton − fp64| ≤ 2·|torch-in-dtype − fp64| + ε for the
 output, 3× for gradients; the helpers are shared with test_attention_op.py.
 """
 

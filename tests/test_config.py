@@ -61,7 +61,7 @@ def test_default_config_is_the_demo():
     assert plan.optimizer_steps_per_epoch > 1 and plan.grad_accum_micro_batches >= 1 and plan.train_timesteps >= 1
 
 
-# ALGORITHM.md §10 (and §1.5–§1.7), shared by both Edit-R1 recipes.
+# The official Edit-R1 configs' values, shared by both Edit-R1 recipes.
 EDIT_R1_DEFAULTS = {
     "sampling.group_size": 12, "sampling.groups_per_epoch": 24, "sampling.batch_size": 3, "sampling.num_steps": 6,
     "sampling.solver": "dpm2", "sampling.resolution": 512, "sampling.true_cfg_scale": 1.0,

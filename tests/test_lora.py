@@ -291,7 +291,7 @@ def test_gaussian_init_matches_peft_and_old_starts_as_copy(toys):
     assert all(not t.any() for k, t in default.items() if k.endswith("lora_B.weight"))
     for key in default:
         assert torch.equal(default[key], old[key]) and default[key] is not old[key]
-    # ALGORITHM.md §1.7 arithmetic: r·(in + out) per diffusers projection
+    # r·(in + out) per diffusers projection
     assert count_parameters(f) == sum(R * (lay.in_features + s.size) for lay in layers.values() for s in lay.segments)
 
 

@@ -1,4 +1,4 @@
-"""Reward → advantage → optimality normalisation (nftcore.nft.advantages, ALGORITHM.md §1.3)."""
+"""Reward → advantage → optimality normalisation (nftcore.nft.advantages)."""
 
 import math
 

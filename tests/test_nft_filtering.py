@@ -1,4 +1,4 @@
-"""Low-variance group filtering and the prompt ban (nftcore.nft.filtering, ALGORITHM.md §4)."""
+"""Low-variance group filtering and the prompt ban (nftcore.nft.filtering)."""
 
 import json
 

@@ -1,5 +1,5 @@
 """`nftcore.ops.nft_loss` against hand-computed values, autograd of the reference, gradcheck and the on-policy closed
-form (ALGORITHM.md §1.2)."""
+form."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""Old-policy soft update and the evaluation EMA (nftcore.nft.old_policy / ema, ALGORITHM.md §1.5–1.6)."""
+"""Old-policy soft update and the evaluation EMA (nftcore.nft.old_policy / ema)."""
 
 import io
 import json

@@ -3,7 +3,7 @@ CUDA when there is a GPU, else forced onto CPU under the interpreter) against a 
 [M, V] logits; the hidden-state gradient; that the fallback never holds [M, V]; bad inputs; the custom-op
 registration; an sm_90 AOT compile of every shipped GPU config; and (`gpu` marker) the Qwen2.5-VL-7B head on a GPU.
 
-Tolerance (STYLE.md section 8 item 4): max|ours - fp64| <= 2 x max|PyTorch in the same dtype - fp64| + EPS, where
+Tolerance: max|ours - fp64| <= 2 x max|PyTorch in the same dtype - fp64| + EPS, where
 "PyTorch in the same dtype" is what a caller would write without this op: `log_softmax(hidden @ weight.T)` in the
 inputs' dtype. Both see the same (rounded) inputs; ours accumulates in fp32, PyTorch rounds the logits to the dtype.
 """

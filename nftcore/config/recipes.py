@@ -7,8 +7,8 @@
   EMA eval on 64 held-out tasks every 20, a checkpoint every 25. About 6 minutes on an idle 2-core CPU; the
   measurements behind these values are in bench/RESULTS.md ("Embedded demo").
 - `kontext_edit_r1`, `qwen_image_edit_r1`: Edit-R1 on FLUX.1-Kontext-dev and Qwen-Image-Edit-2509 with the defaults
-  of ALGORITHM.md §10. Every §10 value is written out here, even where it equals a field default, so the recipe reads
-  as the table and changing the demo's defaults cannot move it.
+  of the official Edit-R1 configs. Every value is written out here, even where it equals a field default, so the
+  recipe reads as those configs and changing the demo's defaults cannot move it.
 
 Deliberate differences from the official configs, each one flag away:
 - `filter.rule = "paper"` (§11.2). `--filter.rule=none` gives the official Kontext config, `--filter.rule=code` the
@@ -50,7 +50,7 @@ def demo() -> TrainConfig:
 
 def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None, ban_prompts: bool,
              eval_batch_size: int) -> TrainConfig:
-    """ALGORITHM.md §10, shared by both Edit-R1 recipes; the arguments are what differs between the two models."""
+    """The Edit-R1 training set-up, shared by both recipes; the arguments are what differs between the two models."""
     return TrainConfig(
         recipe=name,
         run=RunConfig(name=name, out=f"runs/{name}", epochs=100_000, seed=42),  # the reference runs until stopped

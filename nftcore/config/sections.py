@@ -1,9 +1,9 @@
 """The trainer's configuration: one typed dataclass per concern, and `TrainConfig` that holds one of each.
 
-Why dataclasses with a help string per field (torchtitan style, STYLE.md §8.11): the types drive the command-line
+Why dataclasses with a help string per field (torchtitan style): the types drive the command-line
 and TOML parser, the help strings drive `--help`, and a typo is an error instead of a silently ignored attribute
 (`slots=True`). The field defaults are the `demo` recipe (the embedded CPU run), so `TrainConfig()` is the default
-config; the Edit-R1 recipes in `recipes.py` spell out every value of ALGORITHM.md §10 explicitly rather than
+config; the Edit-R1 recipes in `recipes.py` spell out every value of the official configs explicitly rather than
 inheriting them from here, so tuning the demo can never move a published recipe.
 
 Names follow the rest of nftcore: `nft.beta` / `nft.kl_weight` / `nft.adv_clip_max` / `nft.negative_weight` are
@@ -85,7 +85,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class LoRAConfig:
-    """The trained adapter ("default") and its rollout twin ("old"), same shape (ALGORITHM.md §1.7)."""
+    """The trained adapter ("default") and its rollout twin ("old"), same shape."""
 
     rank: int = option(16, "LoRA rank r.")
     alpha: float = option(32.0, "LoRA α; the update is scaled by α / r.")
@@ -104,7 +104,7 @@ class LoRAConfig:
 
 @dataclass(kw_only=True, slots=True)
 class SamplingConfig:
-    """Rollouts: how many per epoch, in which batches, and the ODE that makes them (ALGORITHM.md §2, §5)."""
+    """Rollouts: how many per epoch, in which batches, and the ODE that makes them."""
 
     group_size: int = option(8, "K: images sampled per prompt, one group. Advantages are relative within a group, so "
                                 "K ≥ 2.")
@@ -141,7 +141,7 @@ class SamplingConfig:
 
 @dataclass(kw_only=True, slots=True)
 class NFTConfig:
-    """The DiffusionNFT objective, reward normalisation, and the two lagged copies of θ (ALGORITHM.md §1)."""
+    """The DiffusionNFT objective, reward normalisation, and the two lagged copies of θ."""
 
     beta: float = option(0.1, "β, the NFT mixing strength: v⁺ = β·v_θ + (1−β)·v_old, v⁻ = (1+β)·v_old − β·v_θ. A "
                               "smaller β takes a bigger step. Not the KL weight (the reference calls both 'beta').")
@@ -182,7 +182,7 @@ class NFTConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RewardConfig:
-    """The judge that scores each edit (ALGORITHM.md §3)."""
+    """The judge that scores each edit."""
 
     backend: Literal["demo", "local", "server"] = option(
         "demo", "'local': the MLLM judge in this process (frozen; a whole copy per rank, or sharded with "
@@ -215,7 +215,7 @@ class RewardConfig:
 
 @dataclass(kw_only=True, slots=True)
 class FilterConfig:
-    """Low-variance group filtering and the prompt ban (ALGORITHM.md §4, §11.2)."""
+    """Low-variance group filtering and the prompt ban."""
 
     rule: Literal["paper", "code", "none"] = option(
         "paper", "'paper': drop groups with mean > τμ AND std < τσ; 'code': keep only groups with std > τσ AND "
@@ -235,7 +235,7 @@ class FilterConfig:
 
 @dataclass(kw_only=True, slots=True)
 class OptimConfig:
-    """The optimizer step and numeric precision (ALGORITHM.md §1.7)."""
+    """The optimizer step and numeric precision."""
 
     lr: float = option(3e-3, "AdamW learning rate, constant (the reference has no schedule).")
     betas: tuple[float, float] = option((0.9, 0.999), "AdamW (β1, β2), e.g. --optim.betas=0.9,0.999.")
@@ -294,7 +294,7 @@ class ParallelConfig:
 
 @dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
-    """Saving and resuming; checkpoints live under OUT/checkpoints/ (ALGORITHM.md §5.5)."""
+    """Saving and resuming; checkpoints live under OUT/checkpoints/."""
 
     save_every: int = option(25, "Save a checkpoint every N epochs; 0 saves none periodically.")
     keep_latest: int = option(0, "Keep only the newest N checkpoints; 0 keeps all.")
@@ -335,7 +335,7 @@ class MetricsConfig:
 
 @dataclass(kw_only=True, slots=True)
 class EvalConfig:
-    """Periodic evaluation of the EMA weights on the test split (ALGORITHM.md §5.3)."""
+    """Periodic evaluation of the EMA weights on the test split."""
 
     every: int = option(20, "Evaluate every N epochs (the last included); 0 never. The test split is divided "
                             "over the ranks and the rewards all-gathered; the mean goes to the log, OUT/eval.jsonl and "

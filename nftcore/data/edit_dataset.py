@@ -1,4 +1,4 @@
-"""The Edit-R1 editing dataset (ALGORITHM.md §6, §8): JSONL metadata + images, validated eagerly, decoded lazily.
+"""The Edit-R1 editing dataset: JSONL metadata + images, validated eagerly, decoded lazily.
 
 The layout is `dataset_dir/{images/…, train_metadata.jsonl, test_metadata.jsonl}`; each JSONL line is one task::
 

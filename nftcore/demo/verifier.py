@@ -1,6 +1,6 @@
 """The demo world's judge: a programmatic, dense editing reward in [0, 1] against the exact ground truth.
 
-It stands in for the MLLM judge (ALGORITHM.md §3) in the CPU demo, and is built to rank outputs the way that judge
+It stands in for the MLLM judge in the CPU demo, and is built to rank outputs the way that judge
 is meant to: an output that does not edit at all must score clearly below the requested edit, one that damages the
 rest of the picture must lose credit, and near-misses must earn partial credit so that a group of K rollouts has a
 spread to learn from (group-relative advantages need differences, not a pass/fail bit).

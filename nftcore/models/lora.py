@@ -12,9 +12,9 @@ clipping are elementwise/global, so training dynamics match too). The A's of all
 (`x · cat(A_s)ᵀ` → [.., S·r]), then one small GEMM per segment; rows without a segment (e.g. the MLP rows of a FLUX
 single block when only attention is adapted) get no LoRA.
 
-Adapters: every LoRA layer carries the same named adapters (default "default" = trained θ, "old" = sampling policy,
-ALGORITHM.md §1.5). One adapter is active at a time; `adapters_disabled` gives the base (reference) velocity from the
-same weights. `adapter_state(model, name)` names every tensor by its diffusers/PEFT key, so the old-policy soft
+Adapters: every LoRA layer carries the same named adapters (default "default" = trained θ, "old" = sampling
+policy). One adapter is active at a time; `adapters_disabled` gives the base (reference) velocity from the same
+weights. `adapter_state(model, name)` names every tensor by its diffusers/PEFT key, so the old-policy soft
 update is `soft_update_(adapter_state(m, "old"), adapter_state(m, "default"), eta)` and the EMA, export and import all
 speak the same names.
 
@@ -47,7 +47,7 @@ from torch import nn
 
 from nftcore.nft.old_policy import soft_update_
 
-# Edit-R1's targets (ALGORITHM.md §1.7): the attention projections of every block, by diffusers module-name suffix.
+# Edit-R1's targets: the attention projections of every block, by diffusers module-name suffix.
 # Suffix matching also hits FLUX single blocks' attn.to_q/k/v (they have no to_out: proj_out is their output).
 ATTENTION_SUFFIXES = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -600,5 +600,5 @@ def unmerge_adapter(model: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module, name: str = "default") -> int:
-    """Number of elements in adapter `name` (ALGORITHM.md §1.7: r·(in + out) per diffusers projection)."""
+    """Number of elements in adapter `name` (r·(in + out) per diffusers projection)."""
     return sum(math.prod(p.shape) for p in trainable_parameters(model, name))

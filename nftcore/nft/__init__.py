@@ -1,6 +1,6 @@
 """Model-agnostic DiffusionNFT algorithm core: tensors in, tensors out (torch, numpy and stdlib only).
 
-- `advantages`: raw rewards → group-relative advantages → optimality probabilities r (ALGORITHM.md §1.3).
+- `advantages`: raw rewards → group-relative advantages → optimality probabilities r.
 - `filtering`: low-variance group filtering and the permanent prompt ban (§4).
 - `old_policy`: the sampling policy's soft-update schedule and update (§1.5).
 - `ema`: the evaluation/checkpoint EMA (§1.6).

@@ -1,4 +1,4 @@
-"""Group-relative reward normalisation: raw rewards → advantages → optimality probabilities (ALGORITHM.md §1.3).
+"""Group-relative reward normalisation: raw rewards → advantages → optimality probabilities.
 
 DiffusionNFT trains on an optimality probability `r ∈ [0, 1]` per sample, not on the raw reward. The raw reward is
 first centred on its group's mean (a group = the K rollouts of one prompt/sample id in this epoch), scaled by a std,

@@ -1,4 +1,4 @@
-"""Exponential moving average of the trained weights, for evaluation and checkpoints (ALGORITHM.md §1.6).
+"""Exponential moving average of the trained weights, for evaluation and checkpoints.
 
 This is *not* the sampling policy (that is the old policy, `old_policy.py`): it is a smoothed copy of θ, updated
 once per optimizer step and swapped into the live weights only while evaluating or saving. Its decay warms up so

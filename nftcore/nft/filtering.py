@@ -1,4 +1,4 @@
-"""Low-variance group filtering and the permanent prompt ban (ALGORITHM.md §4, §11.2–11.3).
+"""Low-variance group filtering and the permanent prompt ban.
 
 When every rollout of a prompt already scores high and alike (mean > τμ, std < τσ), its advantages are mostly MLLM
 noise divided by a tiny spread, so its gradient is worth dropping. The paper and the official code disagree on the

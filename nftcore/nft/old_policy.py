@@ -1,4 +1,4 @@
-"""The old (sampling) policy: its soft-update schedule and the in-place update itself (ALGORITHM.md §1.5).
+"""The old (sampling) policy: its soft-update schedule and the in-place update itself.
 
 Rollouts come from a lagged copy of the trained weights, θ_old. After every epoch it moves towards θ:
 

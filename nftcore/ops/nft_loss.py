@@ -1,4 +1,4 @@
-"""`nft_loss`: the DiffusionNFT objective (ALGORITHM.md §1.2) as one traceable op.
+"""`nft_loss`: the DiffusionNFT objective as one traceable op.
 
 Defined once as `torch.library.custom_op`s (forward and backward) with fake implementations, so `torch.compile` and
 FSDP2 see a single opaque node; behind each, `dispatch` picks the backend. The reference backend is the forward of
@@ -281,7 +281,7 @@ def nft_loss(
     negative_weight: float = 1.0,
     check_values: bool = True,
 ) -> NFTLossOutput:
-    """DiffusionNFT loss with x0-space adaptive weighting (ALGORITHM.md §1.2). Only `v_theta` receives a gradient.
+    """DiffusionNFT loss with x0-space adaptive weighting. Only `v_theta` receives a gradient.
 
     Args:
         v_theta: [B, ...] policy velocity (bf16/fp16/fp32/fp64); the same shape for v_old, x_t, x0 and v_ref.

@@ -1,7 +1,8 @@
 """Pure-PyTorch references of the fused ops: the test oracles and the CPU fallbacks.
 
-Written for clarity, in the notation of ALGORITHM.md, with autograd doing the differentiation. The fallback backends in
-the op modules reuse these forwards and add closed-form backwards, which the tests check against autograd here.
+Written for clarity, in the notation of the DiffusionNFT paper, with autograd doing the differentiation. The fallback
+backends in the op modules reuse these forwards and add closed-form backwards, which the tests check against autograd
+here.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def nft_loss_reference(
     kl_weight: float = 0.0,
     negative_weight: float = 1.0,
 ) -> NFTLossOutput:
-    """DiffusionNFT loss (ALGORITHM.md §1.2) with autograd; same contract as `nftcore.ops.nft_loss`, no input checks.
+    """DiffusionNFT loss with autograd; same contract as `nftcore.ops.nft_loss`, no input checks.
 
     Shapes: v_theta, v_old, x_t, x0 (and v_ref) [B, ...]; t, r, mask [B]. t is σ (1 = noise).
     """

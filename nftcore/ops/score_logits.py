@@ -1,7 +1,7 @@
 """`score_logits`: log-probabilities of a few chosen tokens from the final hidden state, never the [M, V] logits.
 
 The reward judge's score is the expected digit, sum_k k * p_k / 5, with p the softmax over the logits of "0".."5"
-at the last position (STYLE.md section 8 item 10). `score_logits(hidden, lm_head.weight, digit_ids)` gives the log of
+at the last position. `score_logits(hidden, lm_head.weight, digit_ids)` gives the log of
 those p in `subset` mode; `full` mode gives the true vocabulary log-probabilities of the same ids (logit - logsumexp
 over all V) for callers that want calibrated probabilities.
 

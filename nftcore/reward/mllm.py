@@ -1,6 +1,6 @@
 """The MLLM judge: a Qwen2.5-VL's expected rubric score for (source, edited, instruction, requirement).
 
-What it computes (ALGORITHM.md section 3): one user turn [source image, edited image, rubric text], the chat
+What it computes: one user turn [source image, edited image, rubric text], the chat
 template's default system prompt and generation prompt; at the position where the answer would be generated,
 p = softmax over the logits of the rubric's answer tokens ("0".."5") only, and score = E_p[value] normalised to
 [0, 1] (sum_k k p_k / 5 for the digit rubric).

@@ -1,9 +1,9 @@
 """The judge's rubric: the text after the two images, and which answer tokens are read with what value.
 
 Edit-R1 scores with Qwen2.5-VL on a non-CoT prompt that names the two images, gives the instruction and the per-sample
-requirement, asks for a 0-5 rating of accuracy and quality with anchors for 0 and 5, and asks for the number directly
-(ALGORITHM.md section 3.2). The wording below is our own paraphrase of that structure. The score is the expected
-answer value under the softmax over the answer tokens' logits, mapped to [0, 1] (section 3.3). The Yes/No variant
+requirement, asks for a 0-5 rating of accuracy and quality with anchors for 0 and 5, and asks for the number directly.
+The wording below is our own paraphrase of that structure. The score is the expected answer value under the softmax
+over the answer tokens' logits, mapped to [0, 1]. The Yes/No variant
 (UniWorld-V2 Table 4) reads p(Yes) / (p(Yes) + p(No)) the same way, with values Yes = 1, No = 0.
 """
 

@@ -1,6 +1,6 @@
 """Checkpoints: everything needed to continue bit for bit, with `torch.distributed.checkpoint` (DCP).
 
-Layout, under OUT/checkpoints/ (STYLE.md §8.14):
+Layout, under OUT/checkpoints/:
 
     epoch-000004/            state after 4 complete epochs
         .metadata, __*_*.distcp   DCP: both LoRA adapters, the EMA shadows, the optimizer state, the torch RNG

@@ -3,7 +3,7 @@
 One process without torchrun's environment runs with no process group at all: every helper here degrades to the
 identity, so the single-process path is the distributed path with world_size 1, not a separate code path.
 
-FSDP2 (`fully_shard`) goes per transformer block, then on the root (STYLE.md §8.13), with a `MixedPrecisionPolicy`
+FSDP2 (`fully_shard`) goes per transformer block, then on the root, with a `MixedPrecisionPolicy`
 of bf16 parameters and fp32 gradient reduction on GPU, and plain fp32 on CPU (gloo has no bf16 reduce worth having,
 and the CPU tests compare 1 vs 2 ranks in fp32). LoRA must be applied before wrapping: FSDP2 shards every parameter
 of a block, frozen base weights and both adapters alike, and gathers them around each forward.
@@ -18,8 +18,7 @@ two modes compute the same update. Not DDP itself: the loop runs three forwards 
 module per backward, which DDP's reducer does not expect, and one flat all-reduce per step of LoRA-sized gradients
 leaves nothing to overlap.
 
-Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without it gloo aborts at exit now and then
-(ENVIRONMENT.md §5).
+Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without it gloo aborts at exit now and then.
 """
 
 from __future__ import annotations

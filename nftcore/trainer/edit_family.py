@@ -3,7 +3,7 @@ Qwen-Image-Edit / -2509 Plus ('qwen_image'), on the Edit-R1 dataset at `data.pat
 
 The frozen parts and the policy `MMDiT` come from `nftcore.models.families` (loaded from the local diffusers
 pipeline folder `model.path`, in `model.dtype`, all frozen: only the LoRA adapters the trainer adds are trained).
-What the trainer fixes that the pipelines leave open is Edit-R1's training set-up (ALGORITHM.md §2, §6, §10):
+What the trainer fixes that the pipelines leave open is Edit-R1's training set-up:
 
 - Square images. The dataset centre-crops sources to `sampling.resolution`; the edit is that size too, and the source
   enters the VAE at that size (Kontext without its preferred-resolution resize, Qwen with VAE area = resolution²),

@@ -1,6 +1,6 @@
 """The Edit-R1 / DiffusionNFT training loop: rollouts → rewards → advantages and filter → NFT update → old policy.
 
-One epoch (ALGORITHM.md §5.3), with these deliberate departures from the reference:
+One epoch, with these deliberate departures from the reference:
 
 - **Per-sample seeding.** Every random draw (rollout noise, training timesteps, training noise, the training order)
   comes from a generator seeded by (run seed, epoch, global sample index): the result does not depend on the number
@@ -43,7 +43,7 @@ from nftcore.config.batching import even_split
 from nftcore.config.errors import UnsupportedConfigError
 from nftcore.data import ImageDecodeError, derive_seed
 from nftcore.nft import EMA, OldPolicySchedule, PromptBan, low_variance_filter, rewards_to_optimality
-from nftcore.ops import NFTLossOutput, NonFiniteError, nft_loss
+from nftcore.ops import nft_loss
 from nftcore.reward.base import format_error_summary, summarize_errors
 from nftcore.sampling import sample as solve
 from nftcore.trainer import checkpoint as ckpt
@@ -521,16 +521,11 @@ class Trainer:
                 v_old = velocity["old"](x_t, t)
                 v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
         v_theta = velocity["default"](x_t, t)
-        try:
-            return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max,
-                                mask=mask, v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight,
-                                check_values=False)
-        except NonFiniteError:
-            # Diverged weights: every term becomes NaN, but the backward through θ's forward still runs, so the
-            # ranks' collectives stay in step; optimizer_step then skips the step on every rank alike.
-            nan = v_theta.float().sum() * float("nan")
-            return NFTLossOutput(nan, nan, nan.detach(), nan.detach().expand(v_theta.shape[0]), nan.detach(),
-                                 nan.detach())
+        # No value checks here: a NaN from diverged weights flows into the step's sums and gradient norm, where
+        # optimizer_step skips the step on every rank alike (the backward still runs, so collectives stay in step).
+        return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max, mask=mask,
+                            v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight,
+                            check_values=False)
 
     def optimizer_step(self, sums: torch.Tensor) -> dict[str, Any]:
         """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient."""

@@ -9,7 +9,7 @@ rollout counts 2·N per token per ODE step. Attention's sequence-quadratic term 
 the 6·N convention omits); activation-checkpoint recomputation happens inside the blocks, not the hooked root, so
 it is not counted: this is model FLOPs, not hardware FLOPs.
 
-MFU divides by the device's dense bf16 peak (TARGETS.md: 989.4 TFLOP/s for H100/H200 SXM), from the table below or
+MFU divides by the device's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM), from the table below or
 $NFTCORE_PEAK_TFLOPS; on the CPU or an unknown GPU it is not reported (None), while TFLOP/s always is.
 """
 

@@ -1,4 +1,4 @@
-"""Optional experiment trackers behind one interface: TensorBoard and Weights & Biases (STYLE.md §9, torchtitan's
+"""Optional experiment trackers behind one interface: TensorBoard and Weights & Biases (after torchtitan's
 `LoggerContainer`). Each is imported only when its `metrics.*` switch is on, so neither is a dependency; a switch
 that is on without its package is an error at start-up that says what to install, not a silent no-op.
 
