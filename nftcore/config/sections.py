@@ -281,6 +281,13 @@ class ParallelConfig:
                                       "world_size / replicate_degree ranks (e.g. the node count, so parameters "
                                       "are gathered inside a node and gradients all-reduced across nodes); 1 = one "
                                       "FSDP2 group over all ranks.")
+    rollout_reshard: Literal["step", "batch", "phase"] = option(
+        "batch", "When FSDP2 drops the sharded transformer's gathered weights during rollouts: 'step' after every "
+                 "sampler step (each step all-gathers every block again), 'batch' after each rollout call (gathered "
+                 "once per call, held through its denoising loop), 'phase' after the epoch's last rollout call "
+                 "(gathered once per epoch's rollouts; the full weights then stay resident while sources are encoded "
+                 "and edits decoded). Evaluation follows the same rule. Needs the memory of one unsharded transformer "
+                 "unless 'step'.")
 
     def problems(self) -> list[str]:
         return _failed({
@@ -368,6 +375,14 @@ class DataConfig:
                  "for that epoch and counts it.")
     verify_images: bool = option(False, "Decode every image of both splits at start-up, so a corrupt file is found "
                                         "before the first epoch (slow on large datasets).")
+    cache_conditioning: Literal["off", "memory", "disk"] = option(
+        "off", "Reuse the frozen encoders' output (text embeddings, pooled vectors, source-image latents) per dataset "
+               "row: 'memory' keeps each row's after its first use, for every later epoch and evaluation; 'disk' "
+               "also writes it under data.cache_dir as safetensors keyed by the row's content, the encoders' identity "
+               "and the resolution (`python -m nftcore.precompute` fills it ahead of time, after which training does "
+               "not load the text encoders). A stale or corrupt entry is recomputed, never used.")
+    cache_dir: str = option("", "Folder of the 'disk' conditioning cache; empty is OUT/conditioning_cache (per run). "
+                                "Share one folder between runs of the same model and resolution.")
     group_key: Literal["sample_id", "instruction"] = option(
         "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
                      "instruction text alone as the reference does, which merges images that share one (§11.3). "

@@ -23,6 +23,7 @@ Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Callable
@@ -109,11 +110,45 @@ def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Mo
     kwargs = dict(mesh=mesh, mp_policy=mp)
     if cfg.parallel.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    for block in model.blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    training_resharding(model)
+    return model
+
+
+def training_resharding(model: nn.Module) -> None:
+    """The training schedule of gathers: every block reshards after its forward except the last, whose backward comes
+    right next; the root (embedders, final layer) stays gathered, as FSDP2 does for a root by default."""
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
-        fully_shard(block, reshard_after_forward=i < len(blocks) - 1, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
+        block.set_reshard_after_forward(i < len(blocks) - 1, recurse=False)
+    model.set_reshard_after_forward(False, recurse=False)
+
+
+def fsdp_modules(models: list[nn.Module]) -> list[nn.Module]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def weights_held(models: list[nn.Module]):
+    """No-grad forwards inside keep every FSDP2 block's weights gathered after its first forward: a denoising loop
+    of S steps all-gathers each block once instead of S times (the memory of one unsharded model for the time).
+    On exit the training schedule is restored and every gathered copy dropped, so the next forward gathers whatever
+    weights are then in place (after an EMA swap, say). A no-op for unsharded models."""
+    modules = fsdp_modules(models)
+    for module in modules:
+        module.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for model in models:
+            if any(m is model for m in modules):
+                training_resharding(model)
+        for module in modules:
+            module.reshard()
 
 
 def _mesh(env: DistEnv, replicas: int, init_device_mesh):

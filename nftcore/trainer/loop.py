@@ -57,6 +57,7 @@ from nftcore.trainer.distributed import (
     init_distributed,
     loss_scale_for_reduction,
     shard_transformer,
+    weights_held,
 )
 from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights, judge_is_sharded
 from nftcore.trainer.metrics import MetricsLogger
@@ -118,6 +119,10 @@ class Trainer:
     fails, a loss that returns NaN). `finetune` = 'lora' (default) or 'full' (see `family.FullWeights`) until the
     config grows a `model.finetune` key.
     """
+
+    fuse_old_and_ref = True
+    """With LoRA and kl_weight > 0, θ_old and the reference run as one forward over [rows; rows] (exact against two
+    forwards); the epoch benchmark switches it off to measure what it buys."""
 
     def __init__(self, cfg: TrainConfig, *, env: DistEnv | None = None, family: PolicyFamily | None = None,
                  reward_fn: Callable | None = None, loss_fn: Callable = nft_loss, max_nan_steps: int = MAX_NAN_STEPS,
@@ -293,13 +298,14 @@ class Trainer:
             deferred: list[tuple[torch.Tensor, list]] = []  # (edited, samples) for a sharded judge
             row = self._row_reader([groups[g // k] for g in mine], stack)
             bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", len(calls)))
+            stack.enter_context(self.weights_held("phase"))
             for indices in calls:
                 padding = not indices  # this rank's share left the call empty: run it anyway (collectives), drop it
                 indices = indices or mine[:1]
                 samples, readable = zip(*(self._read(row, groups[g // k], g) for g in indices))
                 cond = fam.conditioning(samples)
                 noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
-                with self.autocast():
+                with self.autocast(), self.weights_held("batch"):
                     x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
                 if padding:
                     bar.advance()
@@ -334,6 +340,14 @@ class Trainer:
         valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results]) & finite & ~unreadable
         rollouts = Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid, finite, unreadable)
         return rollouts, waited
+
+    def weights_held(self, scope: str):
+        """The policy's FSDP2 weights gathered once for the whole `scope` ('batch': one rollout or evaluation call;
+        'phase': all of an epoch's rollouts or one evaluation) when `parallel.rollout_reshard` names it, instead of
+        once per sampler step; see `distributed.weights_held`."""
+        if self.cfg.parallel.rollout_reshard != scope:
+            return contextlib.nullcontext()
+        return weights_held(self.weights.models())
 
     def _row_reader(self, rows: list[int], stack: contextlib.ExitStack) -> Callable[[int], Any]:
         """`read(i)` for the train dataset's rows `rows`. With data.num_workers > 0 every distinct row is submitted
@@ -487,7 +501,7 @@ class Trainer:
                     stacked = cond if rows == 1 else fam.index_conditioning(cond, torch.arange(batch).repeat(rows))
                     velocities[rows] = {which: self.weights.velocity(stacked, which)
                                         for which in ("default", "old", "ref")}
-                    if self.weights.kind == "lora" and cfg.nft.kl_weight > 0:  # θ_old and the reference in one pass
+                    if self.fuse_old_and_ref and self.weights.kind == "lora" and cfg.nft.kl_weight > 0:
                         doubled = fam.index_conditioning(cond, torch.arange(batch).repeat(2 * rows))
                         velocities[rows]["old+ref"] = self.weights.old_and_ref_velocity(doubled)
                 t = grid[steps[:, js].T.reshape(-1)].to(env.device)  # [rows·B]
@@ -612,32 +626,26 @@ class Trainer:
         indices = [min(i, count - 1) for i in range(first, first + per)]
         real = torch.tensor([i < count for i in range(first, first + per)])
         images, scores, valid = [], [], []
-        for start in range(0, per, cfg.eval.batch_size):
-            index = indices[start:start + cfg.eval.batch_size]
-            batch, readable = zip(*(self._read(data.__getitem__, i, i, data) for i in index))
-            cond = fam.conditioning(batch)
-            noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape)
-            sigmas = fam.sigmas(cfg.eval.num_steps)
-
-            def run(which: str = "default"):
-                return solve(self.weights.velocity(cond, which), noise.to(env.device), sigmas,
-                             solver=cfg.eval.solver)
-
-            with self.autocast():
-                if weights == "base":
-                    x0 = run("ref")
-                elif weights == "ema":
-                    with self.ema_swapped():
-                        x0 = run()
-                else:
-                    x0 = run()
-            finite = torch.isfinite(x0.flatten(1)).all(dim=1)
-            edited = torch.nan_to_num(fam.decode(torch.where(finite.view(-1, 1, 1), x0, 0.0))).cpu()
-            result = self.reward_fn(edited, fam.source_images(batch).cpu(), [s.prompt for s in batch],
-                                    [fam.reward_metadata(s) for s in batch])
-            images.append(edited)
-            scores.append(result.scores.float())
-            valid.append(result.valid & torch.isfinite(result.scores) & finite.cpu() & torch.tensor(readable))
+        which = "ref" if weights == "base" else "default"
+        with contextlib.ExitStack() as stack:
+            if weights == "ema":
+                stack.enter_context(self.ema_swapped())  # once for the split, so 'phase' gathers it once
+            stack.enter_context(self.weights_held("phase"))
+            for start in range(0, per, cfg.eval.batch_size):
+                index = indices[start:start + cfg.eval.batch_size]
+                batch, readable = zip(*(self._read(data.__getitem__, i, i, data) for i in index))
+                cond = fam.conditioning(batch)
+                noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape).to(env.device)
+                with self.autocast(), self.weights_held("batch"):
+                    x0 = solve(self.weights.velocity(cond, which), noise, fam.sigmas(cfg.eval.num_steps),
+                               solver=cfg.eval.solver)
+                finite = torch.isfinite(x0.flatten(1)).all(dim=1)
+                edited = torch.nan_to_num(fam.decode(torch.where(finite.view(-1, 1, 1), x0, 0.0))).cpu()
+                result = self.reward_fn(edited, fam.source_images(batch).cpu(), [s.prompt for s in batch],
+                                        [fam.reward_metadata(s) for s in batch])
+                images.append(edited)
+                scores.append(result.scores.float())
+                valid.append(result.valid & torch.isfinite(result.scores) & finite.cpu() & torch.tensor(readable))
         keep = all_gather_cat(torch.cat(valid) & real, env)
         scores = all_gather_cat(torch.nan_to_num(torch.cat(scores)), env)[keep]
         return (float(scores.double().mean()) if scores.numel() else float("nan")), torch.cat(images)[real]
