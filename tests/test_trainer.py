@@ -75,6 +75,11 @@ def test_smoke_run_writes_metrics_checkpoints_and_lora(tmp_path):
     assert (last / "lora_ema" / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     state = json.loads((last / "trainer.json").read_text())
     assert state["step"] == 4 and state["epoch"] == 2
+    epochs = read_metrics(tmp_path / "epochs.jsonl")  # one summary per epoch, with the epoch's throughput
+    assert [(r["epoch"], r["step"]) for r in epochs] == [(0, 2), (1, 4)]
+    for row in epochs:
+        assert row["samples_per_s_per_rank"] > 0 and row["valid_samples"] == 4
+        assert row["time_epoch"] >= row["time_rollout"] + row["time_update"] > 0
 
 
 def test_full_finetuning_trains_every_weight_and_resumes(tmp_path):

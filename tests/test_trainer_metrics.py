@@ -183,11 +183,12 @@ def test_progress_redraws_in_place_on_a_terminal_only(tmp_path, capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_resume_truncation_covers_metrics_and_eval_rows(tmp_path):
+def test_resume_truncation_covers_metrics_eval_and_epoch_rows(tmp_path):
     logger = MetricsLogger(tmp_path / "metrics.jsonl", echo=False)
     for epoch in (0, 1):
         logger.log_step({**ROW, "epoch": epoch, "step": epoch + 1})
         logger.log_eval({"epoch": epoch, "step": epoch + 1, "eval_reward": 0.5})
+        logger.log_epoch({"epoch": epoch, "step": epoch + 1, "samples_per_s_per_rank": 3.0})
     assert logger.truncate_from(1) == 1
-    assert [r["epoch"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
-    assert [r["epoch"] for r in read_metrics(tmp_path / "eval.jsonl")] == [0]
+    for name in ("metrics", "eval", "epochs"):
+        assert [r["epoch"] for r in read_metrics(tmp_path / f"{name}.jsonl")] == [0]

@@ -57,7 +57,8 @@ def shard_text_encoders(family_model, device) -> list[str]:
     """Shard the text encoder(s) of a `nftcore.models.families` object over all ranks (one 1-D mesh); returns the
     attribute names sharded. Needs an initialised process group."""
     mesh = _world_mesh(device)
-    names = [name for name in ("t5", "clip", "text_encoder") if isinstance(getattr(family_model, name, None), nn.Module)]
+    names = [name for name in ("t5", "clip", "text_encoder")
+             if isinstance(getattr(family_model, name, None), nn.Module)]
     if not names:
         raise ValueError(f"parallel.shard_text_encoder: {type(family_model).__name__} has no text encoder to shard")
     for name in names:

@@ -66,6 +66,9 @@ from nftcore.trainer.trackers import build_trackers
 
 MAX_NAN_STEPS = 3
 """Non-finite steps in a row before the run stops: one is a fluke worth skipping, several mean diverged weights."""
+EPOCH_STATS = ("reward_mean", "reward_std", "valid_samples", "filtered_fraction", "invalid_rewards", "dropped_groups",
+               "nonfinite_rollouts", "unreadable_images")
+"""The epoch's reward statistics written to OUT/epochs.jsonl."""
 IMAGE_ROWS = 16
 """Rollouts (from whole rollout batches) in a `metrics.image_every` grid: enough to judge, small enough to look at."""
 
@@ -244,10 +247,18 @@ class Trainer:
         rollout = throughput(self.flops.take(), times["time_rollout"], env.device)
         times.update(rollout_tflops=rollout["tflops"], rollout_mfu=rollout["mfu"])
         self.train_epoch(epoch, rollouts, stats, times)
+        t2 = time.perf_counter()
         eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
         # The epoch's samples per rank per second, rollouts to old-policy update (the unit peers publish:
         # samples/card/s); evaluation is not part of it.
-        per_rank = self.plan.samples_per_epoch / env.world_size / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        per_rank = self.plan.samples_per_epoch / env.world_size / seconds
+        self.metrics.log_epoch({
+            "epoch": epoch, "step": self.step, **{k: stats[k] for k in EPOCH_STATS}, "old_policy_eta": eta,
+            "time_rollout": times["time_rollout"], "time_reward_wait": times["time_reward_wait"],
+            "time_update": t2 - t1, "time_epoch": seconds, "samples_per_s_per_rank": per_rank,
+            "rollout_samples_per_s_per_rank": times["rollout_samples_per_s_per_rank"],
+            "peak_memory_gb": peak_memory_gb(env.device)})
         every = cfg.eval.every
         if every and (epoch + 1) % every == 0:
             self.periodic_eval(epoch)

@@ -2,9 +2,10 @@
 
 Only rank 0 writes. Every row carries at least `epoch`, `step`, `loss`, `reward_mean`, `reward_std` and
 `filtered_fraction`; the rest (loss terms, grad norm, throughput, phase times, counts) is added by the loop.
-Evaluations go to `OUT/eval.jsonl` (one object per evaluation: `epoch`, `step`, `eval_reward`, `eval_samples`).
-On resume, `truncate_from(epoch)` drops the rows of both files the checkpoint does not cover, so they read like an
-uninterrupted run's (a killed run may have logged steps past its last checkpoint).
+Evaluations go to `OUT/eval.jsonl` (one object per evaluation: `epoch`, `step`, `eval_reward`, `eval_samples`), and
+one summary per epoch to `OUT/epochs.jsonl` (rewards, filtering, phase times and the epoch's samples/s per rank, the
+throughput unit peers publish). On resume, `truncate_from(epoch)` drops the rows of these files the checkpoint does
+not cover, so they read like an uninterrupted run's (a killed run may have logged steps past its last checkpoint).
 
 Rows also go to the trackers the config switches on (`trackers.py`: TensorBoard, wandb), and `progress(label,
 total)` shows a phase's progress: one line redrawn in place on a terminal, a plain line per finished phase in a
@@ -74,6 +75,7 @@ class MetricsLogger:
         self.tty = sys.stdout.isatty() if tty is None else tty
         self._live: Progress | None = None  # the in-place line now on screen, cleared before any other print
         self.eval_path = self.path.with_name("eval.jsonl")
+        self.epochs_path = self.path.with_name("epochs.jsonl")
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -85,6 +87,7 @@ class MetricsLogger:
         if not self.enabled:
             return 0
         _truncate(self.eval_path, epoch)
+        _truncate(self.epochs_path, epoch)
         return _truncate(self.path, epoch)
 
     def log_step(self, row: dict[str, Any]) -> None:
@@ -107,6 +110,15 @@ class MetricsLogger:
         _append(self.eval_path, row)
         for tracker in self.trackers:
             tracker.log(row, prefix="eval")
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """Write one epoch's summary (`epoch`, `step`, rewards, phase times, samples/s per rank) to epochs.jsonl and
+        the trackers."""
+        if not self.enabled:
+            return
+        _append(self.epochs_path, row)
+        for tracker in self.trackers:
+            tracker.log(row, prefix="epoch")
 
     def info(self, message: str) -> None:
         if self.enabled and self.echo:
