@@ -23,6 +23,7 @@ from nftcore.models.lora import (
     ATTENTION_SUFFIXES,
     LoRALinear,
     active_adapter,
+    adapter_per_row,
     adapter_state,
     adapters_disabled,
     apply_lora,
@@ -420,6 +421,39 @@ def test_copy_adapter(toys):
     copy_adapter_(f, "default", "spare")
     for key, value in adapter_state(f, "spare").items():
         assert torch.equal(value, adapter_state(f, "default")[key])
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_adapter_on_the_leading_rows_gives_adapted_then_base_rows(toys, grad):
+    """[rows; rows] through `adapter_per_row(model, "old", rows)`: the first half is the "old" adapter's output, the
+    second exactly the base model's (no update added, not a zero-scaled one), fused segments and split inputs alike;
+    with grad on, the adapter's gradient comes from the first half only."""
+    _, f, x = toys
+    apply_lora(f, rank=R, alpha=ALPHA, include_mlp=True)
+    _randomize(f, "old", seed=5)
+    rows = x[0].shape[0]
+    doubled = [torch.cat([t, t]) if torch.is_tensor(t) and t.shape[:1] == (rows,) else t for t in x]
+    with torch.no_grad(), using_adapter(f, "old"):
+        adapted = f(*x)
+    with torch.no_grad(), adapters_disabled(f):
+        base = f(*x)
+    with torch.set_grad_enabled(grad), adapter_per_row(f, "old", rows):
+        both = f(*doubled)
+    torch.testing.assert_close(both[:rows], adapted, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(both[rows:], base, rtol=1e-6, atol=1e-6)
+    assert active_adapter(f) == "default"  # restored
+    if grad:
+        params = list(adapter_state(f, "old").values())
+        for p in params:
+            p.requires_grad_(True)
+        with adapter_per_row(f, "old", rows):
+            g_both = torch.autograd.grad(f(*doubled)[:rows].sum(), params)
+        with using_adapter(f, "old"):
+            g_one = torch.autograd.grad(f(*x).sum(), params)
+        for a, b in zip(g_both, g_one):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=f"first {3 * rows} rows"), adapter_per_row(f, "old", 3 * rows):
+        f(*doubled)
 
 
 def test_split_input_linear_plain_and_lora():

@@ -129,7 +129,7 @@ class LoRALinear(nn.Linear):
         self.active_adapter: str | None = None
         self.disabled = False
         self.merged_adapter: str | None = None
-        self.row_scale: torch.Tensor | None = None  # [R]: each input row's share of the update (`adapter_per_row`)
+        self.adapted_rows: int | None = None  # only the first input rows (dim 0) get the update: adapter_per_row
         # output rows in order: (start, stop, segment index or None for rows without LoRA)
         self._runs: list[tuple[int, int, int | None]] = []
         row = 0
@@ -209,11 +209,17 @@ class LoRALinear(nn.Linear):
         a_list = self.lora_A[name]
         return a_list[0] if len(a_list) == 1 else torch.cat(list(a_list))
 
-    def _add_update(self, y: torch.Tensor, h: torch.Tensor, name: str) -> torch.Tensor:
-        """y plus each segment's h_s B_sᵀ on its rows, where h = scale · x A_catᵀ [.., S·r]."""
+    def _add_update(self, y: torch.Tensor, h: torch.Tensor, name: str, *, inplace: bool = False) -> torch.Tensor:
+        """y plus each segment's h_s B_sᵀ on its rows, where h = scale · x A_catᵀ [.., S·r]; `inplace` adds into y
+        (a view of a no-grad output)."""
         b_list = self.lora_B[name]
         parts = h.split(self.rank[name], dim=-1) if len(b_list) > 1 else (h,)
         deltas = {seg.start: F.linear(part, b).to(y.dtype) for seg, part, b in zip(self.segments, parts, b_list)}
+        if inplace:
+            for a, b, s in self._runs:
+                if s is not None:
+                    y[..., a:b] += deltas[a]
+            return y
         if len(self._runs) == 1:
             return y + deltas[0]
         return torch.cat([y[..., a:b] if s is None else y[..., a:b] + deltas[a] for a, b, s in self._runs], dim=-1)
@@ -224,17 +230,27 @@ class LoRALinear(nn.Linear):
         if name is None:
             return y
         a = self._cat_a(name)
-        return self._add_update(y, self._row_scaled(F.linear(x.to(a.dtype), a) * self.scale(name)), name)
+        k = self._leading_rows(x)
+        return self._updated(y, k, lambda: F.linear(x[:k].to(a.dtype), a) * self.scale(name), name)
 
-    def _row_scaled(self, h: torch.Tensor) -> torch.Tensor:
-        """h [R, ..., S·r] times each row's scale: the update is linear in h, so a row with scale 0 gets exactly the
-        base output and a row with scale 1 exactly the adapter's."""
-        if self.row_scale is None:
-            return h
-        if h.shape[0] != self.row_scale.shape[0]:
-            raise ValueError(f"adapter_per_row: {self.row_scale.shape[0]} row scales for an input of {h.shape[0]} "
-                             "rows (the first dim)")
-        return h * self.row_scale.to(h.dtype).view(-1, *([1] * (h.dim() - 1)))
+    def _leading_rows(self, x: torch.Tensor) -> int:
+        """How many input rows (dim 0) get the update: all, or the first `adapted_rows`."""
+        if self.adapted_rows is None:
+            return x.shape[0]
+        if not 0 < self.adapted_rows <= x.shape[0]:
+            raise ValueError(f"adapter_per_row: the adapter is for the first {self.adapted_rows} rows, but the input "
+                             f"has {x.shape[0]} (the first dim)")
+        return self.adapted_rows
+
+    def _updated(self, y: torch.Tensor, k: int, h, name: str) -> torch.Tensor:
+        """y with the update h() [k, ..., S·r] added to its first k rows. The rows after them keep exactly the base
+        output and cost no LoRA GEMM: the reference rows of the fused θ_old + reference pass."""
+        if k == y.shape[0]:
+            return self._add_update(y, h(), name)
+        if not torch.is_grad_enabled():
+            self._add_update(y[:k], h(), name, inplace=True)
+            return y
+        return torch.cat([self._add_update(y[:k], h(), name), y[k:]])
 
     def forward_split_input(self, parts: Sequence[torch.Tensor]) -> torch.Tensor:
         """`self(torch.cat(parts, -1))` without materialising the concatenation (FLUX single blocks' proj_out reads
@@ -247,8 +263,13 @@ class LoRALinear(nn.Linear):
         if name is None:
             return y
         a = self._cat_a(name)
-        h = _split_input_linear([p.to(a.dtype) for p in parts], a.split(widths, dim=1), None) * self.scale(name)
-        return self._add_update(y, self._row_scaled(h), name)
+        k = self._leading_rows(parts[0])
+
+        def h():
+            return _split_input_linear([p[:k].to(a.dtype) for p in parts], a.split(widths, dim=1), None) * self.scale(
+                name)
+
+        return self._updated(y, k, h, name)
 
     # ------------------------------------------------------------------------------------------------ merging
 
@@ -516,21 +537,21 @@ def using_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
 
 
 @contextmanager
-def adapter_per_row(model: nn.Module, name: str, scale: torch.Tensor) -> Iterator[None]:
-    """Adapter `name` active, its update multiplied per input row by `scale` [R] (first dim of every LoRA layer's
-    input): with scale 1 for some rows and 0 for others, one forward gives the adapted and the base model's outputs
-    side by side (θ_old and the reference of the NFT update in one pass). Restores each layer's state after."""
+def adapter_per_row(model: nn.Module, name: str, rows: int) -> Iterator[None]:
+    """Adapter `name` active on the first `rows` input rows (first dim of every LoRA layer's input) and off on the
+    rest: one forward gives the adapted and the base model's outputs side by side (θ_old and the reference of the NFT
+    update in one pass), and the base rows pay no LoRA GEMM. Restores each layer's state after."""
     by_path = _layers_or_raise(model)
     _check_has_adapter(by_path, name)
     layers = list(by_path.values())
-    before = [(layer.active_adapter, layer.disabled, layer.row_scale) for layer in layers]
+    before = [(layer.active_adapter, layer.disabled, layer.adapted_rows) for layer in layers]
     for layer in layers:
-        layer.active_adapter, layer.disabled, layer.row_scale = name, False, scale
+        layer.active_adapter, layer.disabled, layer.adapted_rows = name, False, int(rows)
     try:
         yield
     finally:
-        for layer, (active, disabled, row_scale) in zip(layers, before):
-            layer.active_adapter, layer.disabled, layer.row_scale = active, disabled, row_scale
+        for layer, (active, disabled, adapted_rows) in zip(layers, before):
+            layer.active_adapter, layer.disabled, layer.adapted_rows = active, disabled, adapted_rows
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:

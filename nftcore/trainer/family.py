@@ -321,16 +321,14 @@ class LoRAWeights:
 
     def old_and_ref_velocity(self, stacked_cond):
         """`fn(x, sigma)` of θ_old on the first half of the rows and the frozen reference on the second, in one
-        forward: the two differ only in the adapter, so the "old" update is scaled 1 on the first half and 0 on the
-        second (`adapter_per_row`). `stacked_cond` is the conditioning for [rows; rows]."""
+        forward: the two differ only in the adapter, so the "old" update is added to the first half only
+        (`adapter_per_row`). `stacked_cond` is the conditioning for [rows; rows]."""
         from nftcore.models.lora import adapter_per_row
 
         fn = self.family.velocity_fn(stacked_cond)
 
         def call(x, sigma):
-            half = x.shape[0] // 2
-            scale = torch.cat([torch.ones(half, device=x.device), torch.zeros(half, device=x.device)])
-            with adapter_per_row(self.model, "old", scale):
+            with adapter_per_row(self.model, "old", x.shape[0] // 2):
                 return fn(x, sigma)
 
         return call
