@@ -376,13 +376,16 @@ class DataConfig:
     verify_images: bool = option(False, "Decode every image of both splits at start-up, so a corrupt file is found "
                                         "before the first epoch (slow on large datasets).")
     cache_conditioning: Literal["off", "memory", "disk"] = option(
-        "off", "Reuse the frozen encoders' output (text embeddings, pooled vectors, source-image latents) per dataset "
-               "row: 'memory' keeps each row's after its first use, for every later epoch and evaluation; 'disk' "
-               "also writes it under data.cache_dir as safetensors keyed by the row's content, the encoders' identity "
-               "and the resolution (`python -m nftcore.precompute` fills it ahead of time, after which training does "
-               "not load the text encoders). A stale or corrupt entry is recomputed, never used.")
-    cache_dir: str = option("", "Folder of the 'disk' conditioning cache; empty is OUT/conditioning_cache (per run). "
-                                "Share one folder between runs of the same model and resolution.")
+        "off", "Encode each dataset row's conditioning (text embeddings, pooled vector, source-image latents) once "
+               "and reuse it in every later epoch and evaluation: 'memory' keeps it in each rank's host RAM for the "
+               "run; 'disk' writes one safetensors file per row under data.cache_dir, keyed by the row and the "
+               "encoders' identity (model, dtype, text lengths, guidance, resolution), and reads it back at each use. "
+               "`python -m nftcore.precompute` fills it ahead of time, after which training does not load the text "
+               "encoders. A stale or corrupt entry is warned about and recomputed, never used. 'off' encodes every "
+               "rollout call and evaluation batch anew.")
+    cache_dir: str = option("", "Folder of the 'disk' conditioning cache; empty is OUT/conditioning_cache. Entries of "
+                                "other models or resolutions sit beside each other, so one folder can serve many "
+                                "runs.")
     group_key: Literal["sample_id", "instruction"] = option(
         "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
                      "instruction text alone as the reference does, which merges images that share one (§11.3). "
@@ -393,6 +396,9 @@ class DataConfig:
             f"data.num_workers must be ≥ 0, got {self.num_workers}": self.num_workers >= 0,
             "data.group_key='instruction' (the reference's keying) is not implemented yet; use 'sample_id'":
                 self.group_key == "sample_id",
+            f"data.cache_dir={self.cache_dir!r} is used only by data.cache_conditioning='disk' (it is "
+            f"{self.cache_conditioning!r}); set both or neither":
+                not self.cache_dir or self.cache_conditioning == "disk",
         })
 
 

@@ -50,8 +50,9 @@ def pipeline_folder(path: str) -> Path:
             "--model.path=DIR") from None
 
 
-def _check_pipeline(cfg: TrainConfig, folder: Path) -> None:
-    """Config and checkpoint must agree (family, guidance) before minutes of loading; errors name the config key."""
+def _check_pipeline(cfg: TrainConfig, folder: Path):
+    """Config and checkpoint must agree (family, guidance) before minutes of loading; errors name the config key.
+    Returns the transformer's config."""
     from nftcore.models.checkpoint_io import read_config
 
     s = cfg.sampling
@@ -68,6 +69,24 @@ def _check_pipeline(cfg: TrainConfig, folder: Path) -> None:
     if arch.family == "flux" and not arch.guidance_embeds and s.guidance_scale is not None:
         raise ValueError(f"{folder}: this FLUX transformer has no guidance embedding; set sampling.guidance_scale "
                          f"to none (got {s.guidance_scale})")
+    return arch
+
+
+ENCODER_FOLDERS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "processor")
+"""What a pipeline folder's conditioning depends on besides the config (the transformer is not among them)."""
+
+
+def encoder_fingerprint(folder: Path) -> str:
+    """A short hash of the encoder files' names and sizes: replacing the weights in one folder invalidates the
+    conditioning cache without reading gigabytes."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for sub in ENCODER_FOLDERS:
+        for path in sorted((folder / sub).rglob("*")) if (folder / sub).is_dir() else []:
+            if path.is_file():
+                h.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size};".encode())
+    return h.hexdigest()
 
 
 def _datasets(cfg: TrainConfig):
@@ -105,26 +124,39 @@ def _rank() -> int:
 
 class EditFamily:
     """FLUX.1-Kontext or Qwen-Image-Edit(-2509) around the policy `MMDiT`; `self.model` is the
-    `nftcore.models.families` object (frozen encoders, VAE, schedule)."""
+    `nftcore.models.families` object (frozen encoders, VAE, schedule).
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    `load_transformer=False` builds the frozen parts only (`python -m nftcore.precompute`). With
+    data.cache_conditioning = 'disk' and a valid-looking cache entry for every row of both splits, the text encoders
+    are not loaded (nor sharded): `conditioning` loads them, whole and on this rank only, if an entry turns out
+    unusable after all."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device, *, load_transformer: bool = True):
         from nftcore.models.families import KontextFamily, QwenImageEditFamily
 
         folder = pipeline_folder(cfg.model.path)
         from nftcore.trainer.family import MODEL_DTYPES
 
         dtype, size = MODEL_DTYPES[cfg.model.dtype], cfg.sampling.resolution
-        _check_pipeline(cfg, folder)  # before the weights: a bad config or dataset fails fast
+        arch = _check_pipeline(cfg, folder)  # before the weights: a bad config or dataset fails fast
         self.train_dataset, self.eval_dataset = _datasets(cfg)
+        self.identity = self._identity(cfg, folder)
+        text = not self._conditioning_cached(cfg, device)
         if cfg.model.family == "flux":
             self.model = KontextFamily.from_pretrained(folder, dtype=dtype, device=device, auto_resize=False,
                                                        max_sequence_length=KONTEXT_T5_TOKENS,
-                                                       guidance=cfg.sampling.guidance_scale)
+                                                       guidance=cfg.sampling.guidance_scale,
+                                                       load_transformer=load_transformer, load_text_encoders=text)
         else:
             self.model = QwenImageEditFamily.from_pretrained(folder, dtype=dtype, device=device, vae_area=size * size,
-                                                             max_sequence_length=QWEN_TEXT_TOKENS)
-        self.transformer = self.model.transformer.requires_grad_(False)
-        if cfg.parallel.shard_text_encoder and _world_size() > 1:
+                                                             max_sequence_length=QWEN_TEXT_TOKENS,
+                                                             load_transformer=load_transformer,
+                                                             load_text_encoders=text)
+        self.transformer = self.model.transformer
+        if self.transformer is not None:
+            self.transformer.requires_grad_(False)
+        self.text_encoders_sharded = text and cfg.parallel.shard_text_encoder and _world_size() > 1
+        if self.text_encoders_sharded:
             from nftcore.trainer.inference_sharding import shard_text_encoders
 
             names = shard_text_encoders(self.model, device)
@@ -132,12 +164,48 @@ class EditFamily:
                 print(f"# text encoder(s) {', '.join(names)}: FSDP2-sharded over {_world_size()} ranks", flush=True)
         self.size = size
         self.grid = self.model.target_grid(size, size)  # (rows, cols) of target tokens
+        self.in_channels = arch.in_channels
+
+    def _identity(self, cfg: TrainConfig, folder: Path) -> dict[str, Any]:
+        """What this run's conditioning depends on besides the row (the conditioning cache's key and check)."""
+        identity = {"family": cfg.model.family, "model": str(folder.resolve()), "encoders": encoder_fingerprint(folder),
+                    "dtype": cfg.model.dtype, "resolution": cfg.sampling.resolution}
+        if cfg.model.family == "flux":
+            identity.update(text_tokens=KONTEXT_T5_TOKENS, guidance=cfg.sampling.guidance_scale, auto_resize=False)
+        else:
+            from nftcore.models.families.qwen_image_edit import CONDITION_AREA, variant_of
+
+            identity.update(text_tokens=QWEN_TEXT_TOKENS, variant=variant_of(folder),
+                            vae_area=cfg.sampling.resolution ** 2, condition_area=CONDITION_AREA)
+        return identity
+
+    def conditioning_identity(self) -> dict[str, Any]:
+        return dict(self.identity)
+
+    def _conditioning_cached(self, cfg: TrainConfig, device: torch.device) -> bool:
+        """Whether the disk cache has an entry for every row of both splits (agreed over ranks)."""
+        if cfg.data.cache_conditioning != "disk":
+            return False
+        from nftcore.trainer.conditioning_cache import cache_is_complete, directory_of, identity_of
+        from nftcore.trainer.distributed import DistEnv
+
+        env = DistEnv(rank=_rank(), world_size=_world_size(), device=device)
+        directory = directory_of(cfg)
+        done = cache_is_complete(directory, identity_of(self), [self.train_dataset, self.eval_dataset], env)
+        if done and _rank() == 0:
+            rows = len(self.train_dataset) + (len(self.eval_dataset) if self.eval_dataset is not None else 0)
+            print(f"# conditioning cache: all {rows} rows found in {directory}; the text encoder(s) are not loaded",
+                  flush=True)
+        return done
 
     @property
     def latent_shape(self) -> tuple[int, int]:
-        return self.grid[0] * self.grid[1], self.transformer.config.in_channels
+        return self.grid[0] * self.grid[1], self.in_channels
 
     def conditioning(self, samples):
+        if not self.model.text_encoders_loaded:
+            print(f"# conditioning cache: rank {_rank()} needs rows the cache lacks; loading the text encoder(s) "
+                  "(whole, on this rank)", flush=True)
         with torch.no_grad():
             return self.model.conditioning([s.image for s in samples], [s.prompt for s in samples],
                                            height=self.size, width=self.size)

@@ -7,7 +7,10 @@ provides exactly that:
 
     family.transformer                      the nn.Module that gets LoRA adapters, FSDP2 and the optimizer
     family.train_dataset / eval_dataset     indexable, with `sample_ids` and `epoch_prompts(G, epoch, seed, banned)`
-    family.conditioning(samples)            once per rollout batch, under no_grad; kept for training
+    family.conditioning(samples)            once per rollout batch, under no_grad; kept for training (through
+                                            `conditioning_cache`: only rows not cached yet are encoded)
+    family.conditioning_identity()          optional: what the conditioning depends on besides the row (the cache
+                                            key: model, dtype, resolution, ...)
     family.index_conditioning(cond, idx)    rows `idx` of a conditioning (micro-batches mix rollout batches)
     family.cat_conditioning(conds)          concatenate along the batch
     family.velocity_fn(cond, transformer)   `fn(x [B, N, C], sigma float | [B]) -> v` through `transformer` (default:
@@ -131,6 +134,12 @@ class DemoFamily:
                           f"using {size} (set --sampling.resolution={size} to silence this)", stacklevel=2)
         self.train_dataset = DemoDataset(DEMO_TRAIN_TASKS, seed=DEMO_DATA_SEED, size=size)
         self.eval_dataset = DemoDataset(DEMO_EVAL_TASKS, seed=DEMO_EVAL_SEED, size=size)
+        self.identity = _demo_identity(cfg, size)
+
+    def conditioning_identity(self) -> dict[str, Any]:
+        """What the conditioning depends on besides the row (the conditioning cache's key and check): the policy's
+        text encoder (its checkpoint, or the random seed) and the dtype the source tokens are cast to."""
+        return dict(self.identity)
 
     @property
     def transformer(self) -> nn.Module:
@@ -178,6 +187,21 @@ class DemoFamily:
 MODEL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # `model.dtype` values
 
 
+def _demo_identity(cfg: TrainConfig, size: int) -> dict[str, Any]:
+    import hashlib
+    from pathlib import Path
+
+    from nftcore.demo.model import ASSET
+
+    kind, _, seed = cfg.model.path.partition(":")
+    if kind in ("random", "tiny"):
+        model = f"{kind}:{int(seed or 0)}"
+    else:  # a checkpoint: its bytes (a few MB) name the trained text encoder
+        path = Path(cfg.model.path or ASSET).resolve()
+        model = f"{path}#{hashlib.blake2b(path.read_bytes(), digest_size=8).hexdigest()}"
+    return {"family": "demo", "model": model, "dtype": cfg.model.dtype, "resolution": size}
+
+
 def _reject_for_demo(cfg: TrainConfig) -> None:
     """Settings the demo family cannot honour: an error naming the key rather than a silently ignored value."""
     s = cfg.sampling
@@ -193,16 +217,20 @@ def _reject_for_demo(cfg: TrainConfig) -> None:
         raise ValueError("model.family='demo' cannot honour:\n  - " + "\n  - ".join(problems))
 
 
-def build_family(cfg: TrainConfig, device: torch.device) -> PolicyFamily:
+def build_family(cfg: TrainConfig, device: torch.device, *, load_transformer: bool = True) -> PolicyFamily:
     """The policy family named by `cfg.model.family`. With `data.verify_images`, every image of both splits is
     decoded now (`EditDataset.verify_images`: 'skip' drops unreadable ones like bad lines, 'error' stops), on every
-    rank alike, so all ranks keep the same rows; the demo's procedural datasets have no files to verify."""
+    rank alike, so all ranks keep the same rows; the demo's procedural datasets have no files to verify.
+
+    `load_transformer=False` leaves out the policy transformer where it is big (the real families; the demo's is part
+    of its tiny policy): `python -m nftcore.precompute` needs only the frozen encoders."""
     if cfg.model.family == "demo":
         family = DemoFamily(cfg, device)
     elif cfg.model.family in ("flux", "qwen_image"):
         from nftcore.trainer.edit_family import EditFamily
 
-        family = EditFamily(cfg, device)
+        # The keyword only when it is used: the plain call stays `EditFamily(cfg, device)` (tests stub that).
+        family = EditFamily(cfg, device) if load_transformer else EditFamily(cfg, device, load_transformer=False)
     else:
         raise ValueError(f"unknown model.family {cfg.model.family!r}; expected 'demo', 'flux' or 'qwen_image'")
     if cfg.data.verify_images:

@@ -171,6 +171,8 @@ class Trainer:
         self.epoch_rewards: list[float] = []
         self._stop_requested = False
         self._unreadable_ids: set[str] = set()  # sample ids whose image failed to decode (warned once each)
+        from nftcore.trainer.conditioning_cache import ConditioningCache  # data.cache_conditioning; 'off': as is
+        self.conditioning = ConditioningCache.for_run(cfg, self.family, self.env, metrics=self.metrics)
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -314,7 +316,7 @@ class Trainer:
                 padding = not indices  # this rank's share left the call empty: run it anyway (collectives), drop it
                 indices = indices or mine[:1]
                 samples, readable = zip(*(self._read(row, groups[g // k], g) for g in indices))
-                cond = fam.conditioning(samples)
+                cond = self.conditioning(samples, [groups[g // k] for g in indices], "train", readable)
                 noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
                 with self.autocast(), self.weights_held("batch"):
                     x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
@@ -645,7 +647,7 @@ class Trainer:
             for start in range(0, per, cfg.eval.batch_size):
                 index = indices[start:start + cfg.eval.batch_size]
                 batch, readable = zip(*(self._read(data.__getitem__, i, i, data) for i in index))
-                cond = fam.conditioning(batch)
+                cond = self.conditioning(batch, index, "eval", readable)
                 noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape).to(env.device)
                 with self.autocast(), self.weights_held("batch"):
                     x0 = solve(self.weights.velocity(cond, which), noise, fam.sigmas(cfg.eval.num_steps),

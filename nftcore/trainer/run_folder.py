@@ -3,7 +3,8 @@
 **The run folder** (`prepare_run_folder`, run by `python -m nftcore.train` before the model is loaded and again by
 `Trainer.train` before the first epoch; rank 0 looks, every rank gets the same verdict):
 
-- A folder *holds a run* when its metrics.jsonl or eval.jsonl has content or its checkpoints/ has any entry.
+- A folder *holds a run* when its metrics.jsonl, eval.jsonl or epochs.jsonl has content or its checkpoints/ has any
+  entry.
 - A new run (no `--resume`) there is refused: it would empty the old metrics, keep the old checkpoints, and a later
   `--resume latest` would continue the old run (another seed) as if it were the new one. `run.overwrite=true`
   deletes the old run's outputs first — `OUTPUTS`, nothing else: tensorboard/ and wandb/ are left alone (their
@@ -64,7 +65,8 @@ from nftcore.config import SECTIONS, ConfigError, TrainConfig, config_to_dict, l
 from nftcore.trainer.checkpoint import CONFIG_FILE, TRAINER_STATE, CheckpointError, Log, named_checkpoint, on_rank0
 from nftcore.trainer.distributed import DistEnv
 
-OUTPUTS = ("metrics.jsonl", "eval.jsonl", "checkpoints", "images", "reward_curve.png", "before_after.png")
+LOGS = ("metrics.jsonl", "eval.jsonl", "epochs.jsonl")
+OUTPUTS = (*LOGS, "checkpoints", "images", "reward_curve.png", "before_after.png")
 """What nftcore writes into run.out, and all that `run.overwrite=true` deletes."""
 PROBE = ".nftcore-write-probe"
 
@@ -72,7 +74,7 @@ REFUSED_ON_RESUME = ("model", "lora", "sampling", "nft", "reward", "filter", "op
 ALLOWED_ON_RESUME = ("run", "parallel", "checkpoint", "metrics", "eval", "model.gradient_checkpointing",
                      "sampling.batch_size", "reward.server_url", "reward.timeout_s", "reward.max_retries", "optim.lr",
                      "optim.allow_tf32", "data.num_workers", "data.bad_lines", "data.verify_images",
-                     "nft.timestep_chunk")
+                     "nft.timestep_chunk", "data.cache_conditioning", "data.cache_dir")
 NOT_LOGGED = ("checkpoint.resume",)  # differs on every resume
 FINETUNE_NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
 
@@ -81,9 +83,9 @@ FINETUNE_NAMES = {"lora": "LoRA", "full": "full fine-tuning"}
 
 
 def held_run(out: str | Path) -> list[str]:
-    """What in `out` shows that it holds a run: metrics.jsonl / eval.jsonl with content, a non-empty checkpoints/."""
+    """What in `out` shows that it holds a run: a log (LOGS) with content, a non-empty checkpoints/."""
     out = Path(out)
-    found = [name for name in ("metrics.jsonl", "eval.jsonl") if (out / name).is_file() and (out / name).stat().st_size]
+    found = [name for name in LOGS if (out / name).is_file() and (out / name).stat().st_size]
     checkpoints = out / "checkpoints"
     if checkpoints.is_dir() and any(entry.name != PROBE for entry in checkpoints.iterdir()):
         found.append("checkpoints/")

@@ -13,6 +13,7 @@ The distilled guidance scale is part of the conditioning (pipeline default 3.5; 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,15 +37,26 @@ def _schedule_from_folder(folder: Path) -> ScheduleConfig:
                           max_seq_len=cfg.get("max_image_seq_len", 4096), shift_terminal=cfg.get("shift_terminal"))
 
 
+def _load_text_encoders(folder: Path, dtype: torch.dtype, device: torch.device) -> tuple:
+    """(CLIP-L, T5) of a Kontext folder, frozen, on `device`."""
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+    t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
+    return tuple(module.to(device).eval().requires_grad_(False) for module in (clip, t5))
+
+
 class KontextFamily:
     """Frozen VAE + CLIP + T5 (+ tokenizers) and the policy `MMDiT` (`transformer`, None if not loaded)."""
 
     def __init__(self, vae, clip, clip_tokenizer, t5, t5_tokenizer, transformer: MMDiT | None = None, *,
                  schedule: ScheduleConfig = FLUX_SCHEDULE, max_sequence_length: int = 512,
-                 guidance: float | None = 3.5, auto_resize: bool = True):
+                 guidance: float | None = 3.5, auto_resize: bool = True,
+                 text_encoder_loader: Callable[[torch.device], tuple] | None = None):
         from diffusers.image_processor import VaeImageProcessor
 
         self.vae, self.clip, self.clip_tokenizer = vae, clip, clip_tokenizer
+        self.text_encoder_loader = text_encoder_loader  # device -> (clip, t5), for encoders skipped at load time
         self.t5, self.t5_tokenizer = t5, t5_tokenizer
         self.transformer, self.schedule = transformer, schedule
         self.max_sequence_length, self.guidance, self.auto_resize = max_sequence_length, guidance, auto_resize
@@ -54,23 +66,41 @@ class KontextFamily:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                        device: torch.device | str = "cpu", load_transformer: bool = True, **kwargs) -> "KontextFamily":
+                        device: torch.device | str = "cpu", load_transformer: bool = True,
+                        load_text_encoders: bool = True, **kwargs) -> "KontextFamily":
         """Load a local diffusers FLUX.1-Kontext folder (`vae/`, `text_encoder/` + `tokenizer/` = CLIP,
-        `text_encoder_2/` + `tokenizer_2/` = T5, `transformer/`, `scheduler/`)."""
+        `text_encoder_2/` + `tokenizer_2/` = T5, `transformer/`, `scheduler/`).
+
+        `load_text_encoders=False` leaves CLIP and T5 (~4.9 B parameters) on disk, for a run whose text conditioning
+        is cached; the first `encode_prompt` loads them then (`load_text_encoders()`)."""
         from diffusers import AutoencoderKL
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from transformers import AutoTokenizer
 
         folder = Path(folder)
         vae = AutoencoderKL.from_pretrained(str(folder / "vae"), torch_dtype=dtype)
-        clip = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-        t5 = T5EncoderModel.from_pretrained(str(folder / "text_encoder_2"), dtype=dtype)
-        for module in (vae, clip, t5):
-            module.to(device).eval().requires_grad_(False)
+        vae.to(device).eval().requires_grad_(False)
+
+        def loader(on: torch.device) -> tuple:
+            return _load_text_encoders(folder, dtype, on)
+
+        clip, t5 = loader(torch.device(device)) if load_text_encoders else (None, None)
         transformer = MMDiT.from_pretrained(folder, subfolder="transformer", dtype=dtype, device=device) \
             if load_transformer else None
         return cls(vae, clip, AutoTokenizer.from_pretrained(str(folder / "tokenizer")), t5,
                    AutoTokenizer.from_pretrained(str(folder / "tokenizer_2")), transformer,
-                   schedule=_schedule_from_folder(folder), **kwargs)
+                   schedule=_schedule_from_folder(folder), text_encoder_loader=loader, **kwargs)
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        return self.clip is not None and self.t5 is not None
+
+    def load_text_encoders(self) -> None:
+        """Load CLIP and T5 now, whole, on this process's device (after `load_text_encoders=False`)."""
+        if self.text_encoders_loaded:
+            return
+        if self.text_encoder_loader is None:
+            raise RuntimeError("this KontextFamily was built without its text encoders and cannot load them")
+        self.clip, self.t5 = self.text_encoder_loader(self.device)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +112,7 @@ class KontextFamily:
     def encode_prompt(self, instructions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(T5 embeds [B, max_sequence_length, D], pooled CLIP [B, Dp]), both in their encoders' dtypes."""
         instructions = list(instructions)
+        self.load_text_encoders()  # a no-op unless they were left on disk
         clip_ids = self.clip_tokenizer(instructions, padding="max_length", truncation=True, return_tensors="pt",
                                        max_length=self.clip_tokenizer.model_max_length).input_ids
         pooled = self.clip(clip_ids.to(self.device), output_hidden_states=False).pooler_output

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from nftcore.models.families.latents import LatentNorm, pack_latents, unpack_lat
 from nftcore.models.mmdit import MMDiT
 from nftcore.sampling.schedules import QWEN_IMAGE_SCHEDULE, ScheduleConfig
 
-__all__ = ["QwenImageEditFamily", "calculate_dimensions", "EDIT_TEMPLATE", "PLUS_TEMPLATE"]
+__all__ = ["QwenImageEditFamily", "calculate_dimensions", "variant_of", "EDIT_TEMPLATE", "PLUS_TEMPLATE"]
 
 _SYSTEM = ("<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
            "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
@@ -53,6 +54,13 @@ def calculate_dimensions(target_area: int, ratio: float) -> tuple[int, int]:
     width = math.sqrt(target_area * ratio)
     height = width / ratio
     return round(width / 32) * 32, round(height / 32) * 32
+
+
+def variant_of(folder: str | Path) -> str:
+    """'edit' or 'plus': the pipeline class a folder's model_index.json names ('edit' without one)."""
+    index = Path(folder) / "model_index.json"
+    name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    return _VARIANTS.get(name, "edit")
 
 
 def _schedule_from_folder(folder: Path) -> ScheduleConfig:
@@ -80,12 +88,14 @@ class QwenImageEditFamily:
 
     def __init__(self, vae, text_encoder, processor, transformer: MMDiT | None = None, *, variant: str = "edit",
                  schedule: ScheduleConfig = QWEN_IMAGE_SCHEDULE, vae_area: int = VAE_AREA,
-                 condition_area: int = CONDITION_AREA, max_sequence_length: int | None = None):
+                 condition_area: int = CONDITION_AREA, max_sequence_length: int | None = None,
+                 text_encoder_loader: Callable[[torch.device], torch.nn.Module] | None = None):
         from diffusers.image_processor import VaeImageProcessor
 
         if variant not in ("edit", "plus"):
             raise ValueError(f"variant must be 'edit' or 'plus', got {variant!r}")
         self.vae, self.text_encoder, self.processor, self.transformer = vae, text_encoder, processor, transformer
+        self.text_encoder_loader = text_encoder_loader  # device -> Qwen2.5-VL, for an encoder skipped at load time
         self.variant, self.schedule = variant, schedule
         self.vae_area, self.condition_area, self.max_sequence_length = vae_area, condition_area, max_sequence_length
         self.vae_scale_factor = 2 ** len(vae.temperal_downsample)
@@ -97,25 +107,29 @@ class QwenImageEditFamily:
     @classmethod
     def from_pretrained(cls, folder: str | Path, *, dtype: torch.dtype = torch.bfloat16,
                         device: torch.device | str = "cpu", variant: str | None = None, load_transformer: bool = True,
-                        min_pixels: int | None = None, max_pixels: int | None = None,
+                        load_text_encoders: bool = True, min_pixels: int | None = None, max_pixels: int | None = None,
                         **kwargs) -> "QwenImageEditFamily":
         """Load a local diffusers pipeline folder (`vae/`, `text_encoder/`, `processor/` or `tokenizer/`,
-        `transformer/`, `scheduler/`). `variant` defaults to the one `model_index.json` names."""
+        `transformer/`, `scheduler/`). `variant` defaults to the one `model_index.json` names.
+
+        `load_text_encoders=False` leaves Qwen2.5-VL (~8.3 B parameters) on disk, for a run whose text conditioning
+        is cached; the first `encode_prompt` loads it then (`load_text_encoders()`)."""
         from diffusers import AutoencoderKLQwenImage
-        from transformers import Qwen2_5_VLForConditionalGeneration
 
         from nftcore.utils.qwen_vl import build_processor, load_qwen_vl_processor, load_tokenizer
 
         folder = Path(folder)
-        if variant is None:
-            index = folder / "model_index.json"
-            name = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-            variant = _VARIANTS.get(name, "edit")
+        variant = variant or variant_of(folder)
         vae = AutoencoderKLQwenImage.from_pretrained(str(folder / "vae"), torch_dtype=dtype).to(device).eval()
-        encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
-        encoder = encoder.to(device).eval()
-        for module in (vae, encoder):
-            module.requires_grad_(False)
+        vae.requires_grad_(False)
+
+        def loader(on: torch.device) -> torch.nn.Module:
+            from transformers import Qwen2_5_VLForConditionalGeneration
+
+            encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(folder / "text_encoder"), dtype=dtype)
+            return encoder.to(on).eval().requires_grad_(False)
+
+        encoder = loader(torch.device(device)) if load_text_encoders else None
         # The released pipelines ship the processor (tokenizer + image-processor config) under processor/.
         if (folder / "processor" / "preprocessor_config.json").is_file():
             processor = load_qwen_vl_processor(folder / "processor", min_pixels=min_pixels, max_pixels=max_pixels)
@@ -126,11 +140,23 @@ class QwenImageEditFamily:
         transformer = MMDiT.from_pretrained(folder, subfolder="transformer", dtype=dtype, device=device) \
             if load_transformer else None
         return cls(vae, encoder, processor, transformer, variant=variant, schedule=_schedule_from_folder(folder),
-                   **kwargs)
+                   text_encoder_loader=loader, **kwargs)
 
     @property
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
+
+    @property
+    def text_encoders_loaded(self) -> bool:
+        return self.text_encoder is not None
+
+    def load_text_encoders(self) -> None:
+        """Load Qwen2.5-VL now, whole, on this process's device (after `load_text_encoders=False`)."""
+        if self.text_encoder is not None:
+            return
+        if self.text_encoder_loader is None:
+            raise RuntimeError("this QwenImageEditFamily was built without its text encoder and cannot load it")
+        self.text_encoder = self.text_encoder_loader(self.device)
 
     # ------------------------------------------------------------------------------------------ preprocessing
 
@@ -158,6 +184,7 @@ class QwenImageEditFamily:
             texts = [EDIT_TEMPLATE.format(t) for t in instructions]
         else:
             texts = [PLUS_TEMPLATE.format(PLUS_IMAGE_PROMPT.format(1) + t) for t in instructions]
+        self.load_text_encoders()  # a no-op unless it was left on disk
         inputs = self.processor(text=texts, images=self._vl_images(list(source_images)), padding=True,
                                 return_tensors="pt").to(self.device)
         out = self.text_encoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
