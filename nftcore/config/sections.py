@@ -376,13 +376,13 @@ class DataConfig:
     verify_images: bool = option(False, "Decode every image of both splits at start-up, so a corrupt file is found "
                                         "before the first epoch (slow on large datasets).")
     cache_conditioning: Literal["off", "memory", "disk"] = option(
-        "off", "Encode each dataset row's conditioning (text embeddings, pooled vector, source-image latents) once "
-               "and reuse it in every later epoch and evaluation: 'memory' keeps it in each rank's host RAM for the "
-               "run; 'disk' writes one safetensors file per row under data.cache_dir, keyed by the row and the "
-               "encoders' identity (model, dtype, text lengths, guidance, resolution), and reads it back at each use. "
-               "`python -m nftcore.precompute` fills it ahead of time, after which training does not load the text "
-               "encoders. A stale or corrupt entry is warned about and recomputed, never used. 'off' encodes every "
-               "rollout call and evaluation batch anew.")
+        "memory", "Encode each dataset row's conditioning (text embeddings, pooled vector, source-image latents) "
+                  "once and reuse it in every later epoch and evaluation: 'memory' keeps it in each rank's host RAM "
+                  "for the run; 'disk' writes one safetensors file per row under data.cache_dir, keyed by the row and "
+                  "the encoders' identity (model, dtype, text lengths, guidance, resolution), and reads it back at "
+                  "each use. `python -m nftcore.precompute` fills it ahead of time, after which training does not "
+                  "load the text encoders. A stale or corrupt entry is warned about and recomputed, never used. 'off' "
+                  "encodes every rollout call and evaluation batch anew.")
     cache_dir: str = option("", "Folder of the 'disk' conditioning cache; empty is OUT/conditioning_cache. Entries of "
                                 "other models or resolutions sit beside each other, so one folder can serve many "
                                 "runs.")
