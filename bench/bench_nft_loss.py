@@ -4,18 +4,23 @@ Why this baseline: DiffusionNFT / Edit-R1 compute the loss in eager PyTorch with
 (`x0_pred.double() - x0.double()`), which promotes the squared error to float64 too, and with one temporary per
 step. `eager_fp64_style` below mirrors that, so the speedup column answers "what does the fused op buy over the
 code people run today". `reference` is the tests' oracle (`nft_loss_reference`, fp32 autograd), for scale.
-`nftcore` is the public op with whatever backend dispatch picks (the backend is part of the provider name).
+`nftcore` is the public op with whatever backend dispatch picks (the backend is part of the provider name: on CPU the
+native C++ kernels when `nftcore._C` is built); `nftcore-reference` is the same public op with Triton and the native
+kernels disabled, i.e. the PyTorch reference backend, measured interleaved with it so the ratio of the two rows is
+what the native (or Triton) backend buys.
 
 Every case first checks each provider's loss and gradient against an fp64 evaluation of the reference, so a fast
 wrong result cannot pass as a speedup; the relative errors go into the CSV's `extra`.
 
-    python bench/bench_nft_loss.py                   # qwen_image_edit_512 on CPU, every registered shape on CUDA
+    python bench/bench_nft_loss.py                   # qwen_image_edit_512 and demo on CPU, every shape on CUDA
     python -m bench.bench_nft_loss --shape all --dtype bf16 --no-record
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -37,13 +42,63 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Allowed relative error vs fp64 before a provider is flagged (bf16 inputs carry 8 mantissa bits; eager-fp64 also
 # does its branch arithmetic in the input dtype, as the official code does).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
-# CUDA-only rows. `nftcore-op`: the custom op `torch.ops.nftcore.nft_loss` called directly, i.e. the fused kernels
-# without the public function's input checks and its one value-check host sync; its `kernels` count is the fused
-# path's own (2 forward launches, 1 multiply in backward, plus autograd's fill of grad_loss). `device-copy`:
+# `nftcore-op`: the custom op `torch.ops.nftcore.nft_loss` called directly, i.e. the fused kernels without the public
+# function's input checks and its one value-check host sync (what the trainer's check_values=False call costs, less
+# the checks); its `kernels` count is the fused path's own (2 forward launches, 1 multiply in backward, plus
+# autograd's fill of grad_loss). CUDA, and CPU when the native kernels are built. `device-copy` (CUDA only):
 # `torch.empty_like(x).copy_(x)` moving the case's byte count, the bandwidth the fused op is measured against.
 FUSED_OP = "nftcore-op"
 COPY = "device-copy"
 CUDA_ONLY = (FUSED_OP, COPY)
+# The public op on its PyTorch reference backend (Triton and native disabled for the provider's whole step).
+OP_REFERENCE = "nftcore-reference"
+REFERENCE_ENV = {"NFTCORE_DISABLE_TRITON": "1", "NFTCORE_DISABLE_NATIVE": "1"}
+
+
+def _native_loaded() -> bool:
+    from nftcore import _native
+
+    return _native.status().loaded
+
+
+def _demo_shape() -> NFTLossShape:
+    """The embedded demo's training micro-batch: sampling.batch_size samples of its pixel-patch latents
+    (image_size/patch)² tokens × 3·patch² channels - [16, 16, 48] today, read from the config, not hard-coded."""
+    from nftcore.config import demo
+    from nftcore.demo.model import DemoConfig
+
+    cfg = DemoConfig()
+    return NFTLossShape("demo", B=demo().sampling.batch_size, N=cfg.tokens, C=3 * cfg.patch**2,
+                        note="the embedded CPU demo's micro-batch (launch/overhead-bound)")
+
+
+SHAPES = {**NFT_LOSS_SHAPES, "demo": _demo_shape()}
+
+
+@contextlib.contextmanager
+def _environment(provider: str):
+    """`nftcore-reference` runs with REFERENCE_ENV set (forward and backward: dispatch reads it per call)."""
+    if provider != OP_REFERENCE:
+        yield
+        return
+    saved = {k: os.environ.get(k) for k in REFERENCE_ENV}
+    os.environ.update(REFERENCE_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _in_env(provider: str, fn):
+    def run():
+        with _environment(provider):
+            return fn()
+
+    return run
 
 
 def eager_fp64_style(v_theta, v_old, x_t, x0, t, r, *, beta=1.0, loss_scale=LOSS_SCALE, v_ref=None, kl_weight=0.0,
@@ -127,14 +182,15 @@ def make_inputs(shape: NFTLossShape, dtype: torch.dtype, device: torch.device, w
     return out
 
 
-def _errors_vs_fp64(loss_fn, inputs: dict, kw: dict) -> tuple[float, float]:
+def _errors_vs_fp64(loss_fn, inputs: dict, kw: dict, provider: str = "") -> tuple[float, float]:
     """(relative loss error, max grad error / max |grad|) of one fwd+bwd, against nft_loss_reference in fp64."""
     ref_in = {k: v.detach().double().requires_grad_(k == "v_theta") for k, v in inputs.items()}
     ref_loss = nft_loss_reference(**ref_in, **kw).loss
     ref_loss.backward()
     inputs["v_theta"].grad = None
-    loss = loss_fn(**inputs, **kw)
-    loss.backward()
+    with _environment(provider):
+        loss = loss_fn(**inputs, **kw)
+        loss.backward()
     grad, ref_grad = inputs["v_theta"].grad.double(), ref_in["v_theta"].grad
     inputs["v_theta"].grad = None
     loss_err = abs(loss.item() - ref_loss.item()) / max(abs(ref_loss.item()), 1e-30)
@@ -154,28 +210,30 @@ def bench_case(shape: NFTLossShape, dtype: torch.dtype, with_ref: bool, mode: st
     grads = [inputs["v_theta"]]
     steps, extras = {}, {}
     for provider in providers:
-        if provider in CUDA_ONLY and device.type != "cuda":
-            continue  # on CPU the fused path would run under the interpreter: its time means nothing
+        if provider in CUDA_ONLY and device.type != "cuda" and not (provider == FUSED_OP and _native_loaded()):
+            continue  # on CPU without the native kernels the fused op is the reference: nothing to add
         if provider == COPY:
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)  # read nbytes/2 + write nbytes/2
             steps[COPY] = lambda x=src: torch.empty_like(x).copy_(x)
             extras[COPY] = {"B": shape.B, "N": shape.N, "C": shape.C, "bytes": nbytes}
             continue
         loss_fn = _loss_of(provider)
-        loss_err, grad_err = _errors_vs_fp64(loss_fn, inputs, kw)
+        loss_err, grad_err = _errors_vs_fp64(loss_fn, inputs, kw, provider)
         name = provider
-        if provider == "nftcore":
+        if provider in ("nftcore", OP_REFERENCE):
             backend = nftcore.ops.last_backend("nft_loss")
             name = f"nftcore:{backend.value if backend is not None else '?'}"
+            if name in steps:  # e.g. no native build: both providers ran the reference
+                name = f"{provider}:{backend.value}"
         if max(loss_err, grad_err) > TOLERANCE[dtype]:
             print(f"WARNING {case} {dname} {name}: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e} vs fp64")
         if mode == "fwd":
-            steps[name] = lambda f=loss_fn: f(**inputs, **kw)
+            steps[name] = _in_env(provider, lambda f=loss_fn: f(**inputs, **kw))
         else:
-            steps[name] = lambda f=loss_fn: f(**inputs, **kw).backward()
+            steps[name] = _in_env(provider, lambda f=loss_fn: f(**inputs, **kw).backward())
         extras[name] = {"B": shape.B, "N": shape.N, "C": shape.C, "kl_weight": kw["kl_weight"], "bytes": nbytes,
                         "loss_rel_err": float(f"{loss_err:.3e}"), "grad_rel_err": float(f"{grad_err:.3e}")}
-        if provider == FUSED_OP or name == "nftcore:triton":
+        if device.type == "cuda" and (provider == FUSED_OP or name == "nftcore:triton"):
             cfg = _fused_config(shape)
             extras[name]["config"] = f"block={cfg.block},warps={cfg.num_warps},splits={cfg.splits}"
 
@@ -202,16 +260,35 @@ def _fused_config(shape: NFTLossShape):
     return nft_loss_config(shape.N * shape.C, shape.B)
 
 
+def _print_backend_ratios(results: list[harness.Result]) -> None:
+    """The fused backend (native on CPU, Triton on CUDA) against the same public op on its reference backend and
+    against the reference's autograd (`reference`), per case: p50 ratios of the interleaved runs above."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.case, r.mode, r.dtype), {})[r.provider] = r.timing.p50
+    for (case, mode, dname), p50 in groups.items():
+        fused = next((name for name in p50 if name in ("nftcore:native", "nftcore:triton")), None)
+        if fused is None:
+            continue
+        parts = [f"{other} / {fused} = {p50[other] / p50[fused]:.2f}x" for other in ("nftcore:reference", "reference")
+                 if other in p50]
+        if FUSED_OP in p50 and "reference" in p50:
+            parts.append(f"reference / {FUSED_OP} = {p50['reference'] / p50[FUSED_OP]:.2f}x")
+        if parts:
+            print(f"{case} {dname} {mode}: " + ", ".join(parts))
+
+
 def main(argv: list[str] | None = None) -> list[harness.Result]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shape", default="", help=f"'all' or comma-separated names from bench/shapes.py "
-                                               f"({', '.join(NFT_LOSS_SHAPES)}); default: qwen_image_edit_512 on "
-                                               f"CPU, all on CUDA")
+    p.add_argument("--shape", default="", help=f"'all' or comma-separated names from bench/shapes.py and the "
+                                               f"demo's ({', '.join(SHAPES)}); default: qwen_image_edit_512 and "
+                                               f"demo on CPU, all on CUDA")
     p.add_argument("--dtype", default="fp32,bf16", help="comma-separated from " + ", ".join(DTYPES))
     p.add_argument("--mode", default="full", choices=["full", "fwd"], help="full = forward + backward (default)")
     p.add_argument("--kl", default="both", choices=["both", "on", "off"], help="with v_ref (kl_weight 1e-4), without")
-    p.add_argument("--providers", default=f"{BASELINE},reference,nftcore,{FUSED_OP},{COPY}",
-                   help=f"{', '.join(CUDA_ONLY)} run on CUDA only")
+    p.add_argument("--providers", default=f"{BASELINE},reference,{OP_REFERENCE},nftcore,{FUSED_OP},{COPY}",
+                   help=f"{COPY} runs on CUDA only, {FUSED_OP} on CUDA and on CPU with the native kernels; "
+                        f"{OP_REFERENCE}: the public op on its reference backend")
     p.add_argument("--repeats", type=int, default=10, help="timed repeats on CPU (CUDA uses do_bench's time budget)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -223,8 +300,8 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    default = list(NFT_LOSS_SHAPES) if device.type == "cuda" else ["qwen_image_edit_512"]
-    shapes = pick(NFT_LOSS_SHAPES, args.shape, default)
+    default = list(SHAPES) if device.type == "cuda" else ["qwen_image_edit_512", "demo"]
+    shapes = pick(SHAPES, args.shape, default)
     dtypes = [DTYPES[d] for d in args.dtype.split(",")]
     kls = {"both": [False, True], "on": [True], "off": [False]}[args.kl]
     providers = args.providers.split(",")
@@ -236,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
             for with_ref in kls:
                 results += bench_case(shape, dtype, with_ref, args.mode, providers, device, args)
     harness.print_table(results, baseline=BASELINE)
+    _print_backend_ratios(results)
     if not args.no_record:
         harness.append_results(results)
         print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")

@@ -6,8 +6,11 @@ Why this baseline: it is what a caller writes without the op (and what `model(..
 tests' oracle (`tests/test_score_logits.naive_score_logits`, run in the head's dtype). Providers:
 
 - `eager`: that baseline; the speedup column is relative to it.
-- `nftcore:<backend>:full`: the op in full mode (vocabulary log-probs), backend as dispatched (CPU: the chunked
+- `nftcore:<backend>:full`: the op in full mode (vocabulary log-probs), backend as dispatched (CPU: the native C++
+  kernels when `nftcore._C` is built - oneDNN/at::mm chunk GEMMs with a fused online logsumexp - else the chunked
   PyTorch fallback; CUDA: the Triton kernels).
+- `nftcore:reference:full-reference`: the same op with Triton and the native kernels disabled (the chunked PyTorch
+  reference), interleaved with the others so the native backend's gain over it is measured on the same load.
 - `nftcore:<backend>:subset`: subset mode, what the reward actually uses (reads K rows of the head), for scale.
 
 Measured per case: time (CPU: interleaved perf_counter repeats; CUDA: do_bench), peak memory one call adds on top of
@@ -19,11 +22,14 @@ bandwidth-bound range M <~ 295 on H100).
 
     python bench/bench_score_logits.py                          # CPU: M = 1, 8, 64, fp32 head
     python bench/bench_score_logits.py --M 1,8,64,288 --dtype bf16 --no-record
+    python bench/bench_score_logits.py --vocab 38016 --no-record  # a quarter of the head (a smaller machine)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -34,6 +40,7 @@ import torch  # noqa: E402
 
 import nftcore.ops  # noqa: E402
 from bench import harness  # noqa: E402
+from nftcore import _native  # noqa: E402
 from tests.test_score_logits import QWEN_DIGIT_IDS, naive_score_logits, peak_allocated_bytes  # noqa: E402
 
 BENCH = "score_logits"
@@ -41,12 +48,37 @@ BASELINE = "eager"
 # Qwen2.5-VL-7B: hidden 3584, lm_head Linear(3584, 152064). Not in bench/shapes.py yet.
 HEAD_NAME, HIDDEN, VOCAB = "qwen2.5-vl-7b", 3584, 152064
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+FULL_REFERENCE = "full-reference"
+REFERENCE_ENV = {"NFTCORE_DISABLE_TRITON": "1", "NFTCORE_DISABLE_NATIVE": "1"}
 
 
-def make_head(dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+@contextlib.contextmanager
+def _reference_backend():
+    """The op's PyTorch reference backend for the duration (dispatch reads these per call)."""
+    saved = {k: os.environ.get(k) for k in REFERENCE_ENV}
+    os.environ.update(REFERENCE_ENV)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _on_reference(fn):
+    def run():
+        with _reference_backend():
+            return fn()
+
+    return run
+
+
+def make_head(dtype: torch.dtype, device: torch.device, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     """[V, H] head with logits of std ~3 for unit-variance hidden states (a confident LM), generated on the device."""
     g = torch.Generator(device=device).manual_seed(seed)
-    weight = torch.randn(VOCAB, HIDDEN, generator=g, device=device, dtype=torch.float32).mul_(3.0 / HIDDEN**0.5)
+    weight = torch.randn(vocab, HIDDEN, generator=g, device=device, dtype=torch.float32).mul_(3.0 / HIDDEN**0.5)
     return weight.to(dtype)  # 16-bit: converted copy, and the fp32 one is freed on return
 
 
@@ -84,8 +116,10 @@ def bench_case(M: int, dtype: torch.dtype, device: torch.device, providers: list
             fns[p] = lambda: naive_score_logits(hidden, weight, ids, "full", dtype=dtype)
         elif p in ("full", "subset"):  # ids as a list, the reward's way: checked on the host, no device sync
             fns[p] = lambda mode=p: nftcore.ops.score_logits(hidden, weight, QWEN_DIGIT_IDS, mode=mode)
+        elif p == FULL_REFERENCE:
+            fns[p] = _on_reference(lambda: nftcore.ops.score_logits(hidden, weight, QWEN_DIGIT_IDS, mode="full"))
         else:
-            raise SystemExit(f"unknown provider {p!r}; known: {BASELINE}, full, subset")
+            raise SystemExit(f"unknown provider {p!r}; known: {BASELINE}, full, {FULL_REFERENCE}, subset")
     names = {}
     for p, fn in fns.items():  # one call each first: names the backend and compiles kernels
         fn()
@@ -97,7 +131,9 @@ def bench_case(M: int, dtype: torch.dtype, device: torch.device, providers: list
     timings = harness.time_many(fns, device, warmup=args.warmup, repeats=args.repeats)
     results = []
     for p, fn in fns.items():
-        extra = {"M": M, "H": HIDDEN, "V": VOCAB, "K": len(QWEN_DIGIT_IDS)}
+        extra = {"M": M, "H": weight.shape[1], "V": weight.shape[0], "K": len(QWEN_DIGIT_IDS)}
+        if names[p].startswith("nftcore:native") and p != "subset":
+            extra["gemm"] = _native.gemm()
         if checked:
             ref = ref_subset if p == "subset" else ref_full
             extra["max_err_vs_fp32"] = float(f"{(fn().float() - ref).abs().max().item():.3e}")
@@ -111,7 +147,8 @@ def bench_case(M: int, dtype: torch.dtype, device: torch.device, providers: list
             bw = harness.gbps(weight.numel() * weight.element_size(), timings[p].p50)
             if bw is not None:
                 extra["gbps"] = round(bw, 1)
-        results.append(harness.Result(BENCH, f"{HEAD_NAME}_M{M}", names[p], "fwd", dname, timings[p], peak, extra))
+        case = f"{HEAD_NAME}_M{M}" if weight.shape[0] == VOCAB else f"{HEAD_NAME}_V{weight.shape[0]}_M{M}"
+        results.append(harness.Result(BENCH, case, names[p], "fwd", dname, timings[p], peak, extra))
     return results
 
 
@@ -121,7 +158,9 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
                                           "1,8,64,288 on CUDA")
     p.add_argument("--dtype", default="", help="head dtype: " + ", ".join(DTYPES) + " (default fp32 on CPU, where "
                                               "bf16 GEMMs are slow, bf16 on CUDA)")
-    p.add_argument("--providers", default=f"{BASELINE},full,subset")
+    p.add_argument("--providers", default=f"{BASELINE},full,{FULL_REFERENCE},subset")
+    p.add_argument("--vocab", type=int, default=VOCAB, help=f"head rows (default {VOCAB}, the real head; smaller "
+                                                              "for a machine short of memory or time)")
     p.add_argument("--repeats", type=int, default=5, help="timed repeats on CPU (CUDA uses do_bench's time budget)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     harness.print_machine()
     results = []
     for dtype in dtypes:
-        weight = make_head(dtype, device)
+        weight = make_head(dtype, device, vocab=args.vocab)
         read_ms = None
         if device.type == "cuda":
             read_ms, bw = head_read_ms(weight)
@@ -153,10 +192,14 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     for r in results:
         by_case.setdefault((r.case, r.dtype), {})[r.provider.split(":")[-1]] = r
     for (case, dname), rs in by_case.items():
-        base, full = rs.get(BASELINE), rs.get("full")
-        if base and full and base.peak_mb and full.peak_mb:
-            line = f"{case} {dname}: peak {base.peak_mb:.1f} MB eager vs {full.peak_mb:.2f} MB full " \
-                   f"({base.peak_mb / full.peak_mb:.1f}x less)"
+        base, full, full_ref = rs.get(BASELINE), rs.get("full"), rs.get(FULL_REFERENCE)
+        if base and full:
+            line = f"{case} {dname}: {full.provider} {base.timing.p50 / full.timing.p50:.2f}x eager"
+            if full_ref:
+                line += f", {full_ref.timing.p50 / full.timing.p50:.2f}x the reference backend"
+            if base.peak_mb and full.peak_mb:
+                less = base.peak_mb / full.peak_mb
+                line += f"; peak {base.peak_mb:.1f} MB eager vs {full.peak_mb:.2f} MB ({less:.1f}x less)"
             if "x_head_read" in full.extra:
                 line += f"; full mode at {full.extra['x_head_read']:.2f}x the head-read time"
             print(line)

@@ -30,10 +30,13 @@ def test_env_flag_values(env, value, expected):
     assert env_flag("NFTCORE_FORCE_TRITON") is expected
 
 
-def test_defaults_cuda_gets_triton_cpu_gets_reference(env):
+def test_defaults_cuda_gets_triton_cpu_gets_native_or_reference(env):
     assert select_backend("op", CUDA, ALL) is Backend.TRITON
-    assert select_backend("op", CPU, ALL) is Backend.REFERENCE
+    cpu_default = Backend.NATIVE if dispatch_module.native_available() else Backend.REFERENCE
+    assert select_backend("op", CPU, ALL) is cpu_default
     assert select_backend("op", CUDA, {Backend.REFERENCE: None}) is Backend.REFERENCE
+    env.setattr(dispatch_module, "native_available", lambda: False)  # a machine without the native build
+    assert select_backend("op", CPU, ALL) is Backend.REFERENCE
 
 
 def test_disable_triton(env):
@@ -69,8 +72,24 @@ def test_native_backend_on_cpu_when_loaded(env):
     assert select_backend("op", CPU, ALL) is Backend.REFERENCE
 
 
-def test_native_is_not_built_yet():
-    assert dispatch_module.native_available() is False
+def test_native_available_is_the_loaders_verdict():
+    from nftcore import _native
+
+    assert dispatch_module.native_available() is _native.status().loaded
+
+
+def test_disable_native_is_read_per_call_before_loading(env):
+    """NFTCORE_DISABLE_NATIVE=1 wins without even asking whether the library loads (so no load, no warning)."""
+
+    def must_not_be_called():
+        raise AssertionError("native_available() called although NFTCORE_DISABLE_NATIVE=1")
+
+    env.setattr(dispatch_module, "native_available", must_not_be_called)
+    env.setenv("NFTCORE_DISABLE_NATIVE", "1")
+    assert select_backend("op", CPU, ALL) is Backend.REFERENCE
+    env.setenv("NFTCORE_DISABLE_NATIVE", "0")
+    env.setattr(dispatch_module, "native_available", lambda: True)
+    assert select_backend("op", CPU, ALL) is Backend.NATIVE
 
 
 def test_every_op_needs_a_reference(env):
@@ -109,7 +128,8 @@ def test_forced_triton_kernel_runs_under_the_interpreter(env):
 def test_importing_ops_stays_light():
     code = (
         "import sys, nftcore.ops\n"
-        "heavy = [m for m in ('transformers', 'diffusers', 'safetensors', 'PIL', 'nftcore.kernels') if m in sys.modules]\n"
+        "heavy = [m for m in ('transformers', 'diffusers', 'safetensors', 'PIL', 'nftcore.kernels', 'nftcore._C')\n"
+        "         if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from nftcore.ops import last_backend, score_logits
-from nftcore.ops.dispatch import Backend
+from nftcore.ops.dispatch import Backend, native_available
 
 sl_mod = importlib.import_module("nftcore.ops.score_logits")  # the module (the package attribute is the function)
 
-FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON")
+FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Added to 2x PyTorch's own error so a near-exact PyTorch result cannot make the bound vanish: a few fp32 ulps at the
 # |log p| ~ 10-20 of a 19k vocabulary (the op's output is fp32 whatever the input dtype).
@@ -41,9 +41,11 @@ def env(monkeypatch):
 
 
 def use_backend(env, backend: str) -> torch.device:
-    """Select `backend` ("fallback" or "triton") through the environment; return the device its tensors go on."""
+    """Select `backend` ("fallback" or "triton") through the environment; return the device its tensors go on. The
+    fallback is the PyTorch reference: the native CPU kernels are switched off too (tests/test_native_ops.py)."""
     if backend == "fallback":
         env.setenv("NFTCORE_DISABLE_TRITON", "1")
+        env.setenv("NFTCORE_DISABLE_NATIVE", "1")
         return torch.device("cpu")
     if TRITON_DEVICE.type == "cpu":
         env.setenv("NFTCORE_FORCE_TRITON", "1")
@@ -152,7 +154,7 @@ def test_triton_small_tiles_cover_every_loop_and_mask(env):
 def test_real_qwen_digit_ids_at_full_vocab(env, mode):
     """The reward's real case: ids 15..20 of a 151936-row head, hidden taken as `last_hidden_state[:, -1]` (a strided
     view). Fallback only: the interpreter would need 149 tiles per row block."""
-    env.setenv("NFTCORE_DISABLE_TRITON", "1")
+    use_backend(env, "fallback")
     g = torch.Generator().manual_seed(1)
     last_hidden_state = torch.randn(2, 5, 64, generator=g)  # [B, T, H]
     hidden = last_hidden_state[:, -1]  # [B, H], row stride T * H
@@ -228,7 +230,7 @@ def peak_allocated_bytes(fn) -> int:
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fallback_never_allocates_m_by_v(env, dtype):
-    env.setenv("NFTCORE_DISABLE_TRITON", "1")
+    use_backend(env, "fallback")
     M, V, H = 64, 18992, 72
     hidden, weight, ids = make_inputs(M, V, H, 6, DTYPES[dtype])
     m_by_v = M * V * 4  # the fp32 logits the naive path holds (twice: logits and log_softmax)
@@ -306,10 +308,15 @@ def test_dispatch_follows_the_environment(env):
     env.delenv("NFTCORE_FORCE_TRITON", raising=False)
     env.setenv("NFTCORE_DISABLE_TRITON", "1")
     score_logits(hidden, weight, ids)
-    assert last_backend("score_logits") is Backend.REFERENCE
+    native = hidden.device.type == "cpu" and native_available()
+    assert last_backend("score_logits") is (Backend.NATIVE if native else Backend.REFERENCE)
     env.delenv("NFTCORE_DISABLE_TRITON")
     score_logits(hidden.cpu(), weight.cpu(), ids.cpu())
-    assert last_backend("score_logits") is Backend.REFERENCE  # CPU tensors default to the fallback
+    # CPU tensors default to the native kernels where they are built, else to the fallback
+    assert last_backend("score_logits") is (Backend.NATIVE if native_available() else Backend.REFERENCE)
+    env.setenv("NFTCORE_DISABLE_NATIVE", "1")
+    score_logits(hidden.cpu(), weight.cpu(), ids.cpu())
+    assert last_backend("score_logits") is Backend.REFERENCE
 
 
 @pytest.mark.parametrize("backend", ["fallback", "triton"])

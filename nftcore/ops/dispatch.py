@@ -8,6 +8,11 @@ The decision is made per call (environment read at call time, so tests and users
 - ``NFTCORE_DISABLE_NATIVE=1``  never use the native CPU library.
 
 An op without a kernel for some backend simply skips that backend. The reference is always present.
+
+The native backend is the extension module `nftcore._C` (`csrc/`, built by setup.py; loader in `nftcore/_native.py`),
+whose kernels are `torch.ops.nftcore_native.*`. It is loaded on the first CPU call of an op that has a native kernel;
+if it is missing (not built, build failed or skipped with NFTCORE_SKIP_NATIVE=1, stale, built for another torch) that
+first call warns once, naming the reason, and every call runs on the reference.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -51,9 +57,25 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
 def native_available() -> bool:
-    """Whether the native CPU library (`csrc/`) is built and loaded. It does not exist yet: always False."""
-    return False
+    """Whether the native CPU library (`nftcore._C`, built from `csrc/`) imports and matches this torch and tree.
+
+    Loaded once per process, on the first call (made by the first CPU dispatch of an op with a native kernel, unless
+    NFTCORE_DISABLE_NATIVE is set, which `select_backend` reads first, per call). When it is not usable this warns
+    once, with the reason, and the ops run on their references."""
+    from nftcore import _native
+
+    status = _native.status()
+    if not status.loaded:
+        warnings.warn(
+            f"nftcore: native CPU kernels unavailable - {status.reason}. CPU calls of the fused ops run on their "
+            f"PyTorch references (same results, slower). Set {DISABLE_NATIVE}=1 to choose the references explicitly "
+            "and silence this warning.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return status.loaded
 
 
 def interpreter_active() -> bool:

@@ -17,6 +17,11 @@ materialise gradients, so an output nobody differentiated arrives as None. When 
 does get a gradient (anything but None), the general closed-form backward above runs instead, exact for every mix
 (Triton: the same two kernels again with per-sample routes c_i, c'_i; create_graph=True also takes this path).
 
+The native CPU backend (`csrc/nft_loss.cpp`, `torch.ops.nftcore_native.nft_loss_forward` / `_backward`, fp32/bf16/fp16)
+mirrors the Triton kernels formula for formula: the same two passes, the same outputs and cached gradient, fp32
+arithmetic (its per-sample totals and the [B]-sized scalars in fp64), summation in fixed pieces so the result does
+not depend on the thread count. fp64 and empty inputs go to the reference (recorded: `last_backend` says reference).
+
 The forward writes the cached gradient only when v_θ requires grad under grad mode (`want_grad`). Both backends honour
 `want_grad` (the reference evaluates the closed form with grad_loss = 1), so the op's output shapes never depend on the
 backend. Memory: the cached gradient is one extra [B, ...] tensor in v_θ's dtype held until backward. The inputs are
@@ -31,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .dispatch import Backend, dispatch
+from .dispatch import Backend, dispatch, record_fallback
 from .reference import MIN_X0_ERROR, NFTLossOutput, compute_dtype, nft_loss_reference
 
 OP = "nft_loss"
@@ -121,15 +126,61 @@ def _triton_backward_impl():
     return impl
 
 
-_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward, Backend.TRITON: _triton_forward_impl}
-_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_backward, Backend.TRITON: _triton_backward_impl}
+# ----------------------------------------------------------------------------------------------------------------
+# Native CPU backend (csrc/nft_loss.cpp; the module is loaded by the dispatcher before these loaders run).
+
+
+def _reference_only(*tensors) -> bool:
+    """Inputs no kernel takes: fp64 (gradcheck, oracles) - the kernels accumulate in fp32, which would silently lower
+    an fp64 caller's precision - and empty ones (nothing to launch; the reference gives the empty means' NaNs)."""
+    return compute_dtype(*tensors) == torch.float64 or tensors[0].numel() == 0
+
+
+def _native_forward_impl():
+    from nftcore._native import op
+
+    kernel = op("nft_loss_forward")
+
+    def impl(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight, want_grad):
+        if _reference_only(v_theta, v_old, x_t, x0, v_ref):
+            record_fallback(OP)
+            return _reference_forward(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight,
+                                      negative_weight, want_grad)
+        return tuple(kernel(v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight,
+                            want_grad, MIN_X0_ERROR))
+
+    return impl
+
+
+def _native_backward_impl():
+    from nftcore._native import op
+
+    kernel = op("nft_loss_backward")
+
+    def impl(grad_loss, grad_policy, grad_kl, grad_per_sample,
+             v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight):
+        if _reference_only(v_theta, v_old, x_t, x0, v_ref):
+            record_fallback(OP + "_backward")
+            return _reference_backward(grad_loss, grad_policy, grad_kl, grad_per_sample, v_theta, v_old, x_t, x0, t,
+                                       r, mask, v_ref, beta, loss_scale, kl_weight, negative_weight)
+        route_policy, route_kl = _routes(grad_loss, grad_policy, grad_kl, grad_per_sample, mask, torch.float32)
+        return kernel(route_policy, route_kl, v_theta, v_old, x_t, x0, t, r, mask, v_ref, beta, loss_scale, kl_weight,
+                      negative_weight, MIN_X0_ERROR)
+
+    return impl
+
+
+_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward, Backend.TRITON: _triton_forward_impl,
+                  Backend.NATIVE: _native_forward_impl}
+_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_backward, Backend.TRITON: _triton_backward_impl,
+                   Backend.NATIVE: _native_backward_impl}
 
 
 def _impls_for(impls, *tensors):
-    """The backends that handle these inputs: fp64 (gradcheck, oracles) is the reference's alone - the kernels
-    accumulate in fp32, which would silently lower an fp64 caller's precision - and so are empty inputs (no grid)."""
-    if compute_dtype(*tensors) == torch.float64 or tensors[0].numel() == 0:
-        return {Backend.REFERENCE: impls[Backend.REFERENCE]}
+    """The backends that handle these inputs: never Triton for the reference-only inputs (`_reference_only`); the
+    native backend takes them and hands them to the reference itself, recording the fallback."""
+    if _reference_only(*tensors):
+        return {backend: impl for backend, impl in impls.items() if backend is not Backend.TRITON}
     return impls
 
 

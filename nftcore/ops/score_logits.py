@@ -10,6 +10,9 @@ the backend per call:
 
 - Triton (`nftcore.kernels.score_logits`): one streaming pass over the head on CUDA, or on CPU under the interpreter
   with ``NFTCORE_FORCE_TRITON=1``.
+- Native (CPU, when `nftcore._C` is built: `csrc/score_logits.cpp`): fixed-order fp32 dot products for the K selected
+  logits; in full mode the head streams in the reference's chunks (same byte budgets, sized here by `chunk_rows`),
+  one library GEMM per chunk and a fused online logsumexp over its logits.
 - Reference (CPU fallback, and everywhere Triton is disabled): the same algorithm in PyTorch, streaming the head in
   vocabulary chunks with a running logsumexp, so its memory is bounded by two byte budgets, not by M x V.
 
@@ -130,7 +133,25 @@ def _triton_forward_impl():
     return impl
 
 
-_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward, Backend.TRITON: _triton_forward_impl}
+# ----------------------------------------------------------------------------------------------------------------
+# Native CPU backend (csrc/score_logits.cpp; the module is loaded by the dispatcher before this loader runs).
+
+
+def _native_forward_impl():
+    from nftcore._native import op
+
+    kernel = op("score_logits_forward")
+
+    def impl(hidden, weight, token_ids, full):
+        # The chunk size is decided here, from the same budgets as the reference's, so both hold the same memory.
+        rows = chunk_rows(hidden.shape[0], hidden.shape[1], weight.dtype, weight.shape[0])
+        return tuple(kernel(hidden, weight, token_ids, full, rows))
+
+    return impl
+
+
+_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_forward, Backend.TRITON: _triton_forward_impl,
+                  Backend.NATIVE: _native_forward_impl}
 # The backward is PyTorch on every device: it exists for completeness (reward gradients w.r.t. the hidden state),
 # not for speed, and streams the head like the reference forward.
 _BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _reference_backward}
