@@ -176,11 +176,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per provider and mode")
     parser.add_argument("--grid", type=int, nargs=2, default=GRID, metavar=("ROWS", "COLS"),
                         help="token grid of target and source (default 32 32 = 512^2 px); smaller for a smoke run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's); on a shared machine 1 thread avoids measuring "
+                             "thread hand-offs to a busy core")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/results.csv")
     parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")  # diffusers' optional-dependency warnings
     GRID = tuple(args.grid)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         provider, mode, folder = args.worker
         print(json.dumps(memory_worker(provider, mode, Path(folder))))
@@ -202,7 +207,8 @@ def main() -> None:
             times = time_alternating(fns, params, args.warmup, args.repeats)
             del models, fns, params
             for provider in PROVIDERS:
-                cmd = [sys.executable, __file__, "--worker", provider, mode, str(folder), "--grid", *map(str, GRID)]
+                cmd = [sys.executable, __file__, "--worker", provider, mode, str(folder), "--grid", *map(str, GRID),
+                       "--threads", str(torch.get_num_threads())]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=harness.REPO_ROOT)
                 if proc.returncode:
                     raise SystemExit(f"memory worker {provider}/{mode} failed:\n{proc.stderr[-4000:]}")

@@ -15,8 +15,16 @@ Model TFLOP/s counts the GEMMs and attention matmuls only: fwd = 24 N C^2 + 4 N^
 12 C^2 weights per token); a frozen-base backward computes input gradients only (1x the linear FLOPs) plus attention's
 2.5x. Peak MB is the memory a call allocates beyond weights and inputs (`harness.peak_memory_mb`).
 
+Per-op rows (`--what ops`): each fused block op (`nftcore.ops.adaln`, `gated_adaln`, `gated_residual`, and the QK
+`rms_norm` with its RoPE) against its eager composition as diffusers writes it (LayerNorm then `* (1 + scale) +
+shift`; `x + gate * y`; RMSNorm in fp32 cast back, times the weight, then `apply_rotary_emb`), at the same shape
+(one block's stream: [1, N, C], q [1, N, H, D] as a view of the fused QKV output), fwd (no grad) and fwd+bwd (every
+input requires grad, one random cotangent). On CPU the op runs its reference backend - the fallback, aten's fused
+LayerNorm kernels - and the `backend` column says so.
+
     python bench/bench_mmdit_block.py                      # CUDA: both shapes, both modes, both providers
     python bench/bench_mmdit_block.py --shape kontext_512 --device cpu --hidden 256 --heads 4 --no-record   # smoke
+    python bench/bench_mmdit_block.py --what ops --device cpu --dtype fp32 --hidden 256 --heads 4 --no-record
 """
 
 from __future__ import annotations
@@ -58,12 +66,13 @@ def _sdpa_attention(q, k, v, *, key_padding_mask=None, rope=None, scale=None, de
 @contextlib.contextmanager
 def attention_provider(provider: str):
     """nftcore: the blocks call `nftcore.ops.attention` (the dispatcher picks Triton on CUDA); sdpa: the same blocks
-    with that one call swapped for `_sdpa_attention` - everything else identical."""
+    with that one call swapped for `_sdpa_attention` - everything else (the fused norms, which rotate q and k before
+    attention in both providers) identical."""
     if provider == "nftcore":
         yield
         return
     original = blocks.ops
-    blocks.ops = SimpleNamespace(attention=_sdpa_attention)
+    blocks.ops = SimpleNamespace(**{name: getattr(ops, name) for name in ops.__all__}, attention=_sdpa_attention)
     try:
         yield
     finally:
@@ -154,6 +163,89 @@ def bench_shape(name: str, pixels: int, args, device, dtype) -> list[harness.Res
     return results
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Per-op rows: each fused block op against its eager composition.
+
+EPS = 1e-6
+
+
+def _adaln_eager(x, scale, shift):
+    return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale[:, None]) + shift[:, None]
+
+
+def _gated_residual_eager(x, gate, y):
+    return x + gate[:, None] * y
+
+
+def _gated_adaln_eager(x, gate, y, scale, shift):
+    h = x + gate[:, None] * y
+    return h, _adaln_eager(h, scale, shift)
+
+
+def _qk_norm_eager(q, weight, cos, sin):
+    """diffusers' RMSNorm (fp32 statistics, cast back, times the weight) then apply_rotary_emb (fp32, cast back)."""
+    qf = q.float()
+    y = qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + EPS)
+    y = y.to(weight.dtype) * weight if weight.dtype in (torch.float16, torch.bfloat16) else (y * weight).to(q.dtype)
+    return _rotate_eager(y, cos, sin)
+
+
+def op_cases(n: int, c: int, heads: int, dtype: torch.dtype, device: torch.device):
+    """{op: (nftcore fn, eager fn, inputs)} at one stream's shape: x, y [1, N, C]; scale/shift/gate chunks of one
+    [1, 6C] modulation output; q [1, N, H, D] a view of a [1, N, 3C] QKV output; RoPE tables [N, D/2] fp32."""
+    g = torch.Generator(device=device).manual_seed(3)
+    x, y = (torch.randn(1, n, c, device=device, dtype=dtype, generator=g) for _ in range(2))
+    mod = 0.5 * torch.randn(1, 6 * c, device=device, dtype=dtype, generator=g)
+    shift, scale, gate = mod[:, :c], mod[:, c:2 * c], mod[:, 2 * c:3 * c]
+    head_dim = c // heads
+    q = torch.randn(1, n, 3 * c, device=device, dtype=dtype, generator=g).unflatten(-1, (3, heads, head_dim))[:, :, 0]
+    weight = torch.ones(head_dim, device=device, dtype=dtype)
+    angle = torch.arange(n, device=device, dtype=torch.float32)[:, None] * torch.rand(head_dim // 2, device=device,
+                                                                                      generator=g)
+    cos, sin = angle.cos(), angle.sin()
+    return {
+        "adaln": (ops.adaln, _adaln_eager, (x, scale, shift)),
+        "gated_adaln": (ops.gated_adaln, _gated_adaln_eager, (x, gate, y, scale, shift)),
+        "gated_residual": (ops.gated_residual, _gated_residual_eager, (x, gate, y)),
+        "qk_rms_norm_rope": (lambda a, w: ops.rms_norm(a, w, EPS, rope=(cos, sin)),
+                             lambda a, w: _qk_norm_eager(a, w, cos, sin), (q, weight)),
+    }
+
+
+def _call(fn, inputs, mode: str):
+    """One timed call: forward under no_grad, or forward + backward of every output into every input."""
+    if mode == "fwd":
+        with torch.no_grad():
+            return fn(*inputs)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    return outs
+
+
+def bench_ops(name: str, pixels: int, args, device, dtype) -> list[harness.Result]:
+    n = 2 * (pixels // 16) ** 2 + TEXT_TOKENS
+    results = []
+    for op, (fused, eager, inputs) in op_cases(n, args.hidden, args.heads, dtype, device).items():
+        for mode in args.mode.split(","):
+            fns = {"nftcore": lambda f=fused, i=inputs, m=mode: _call(f, i, m),
+                   "eager": lambda f=eager, i=inputs, m=mode: _call(f, i, m)}
+            fns["nftcore"]()
+            backend = ops.last_backend("rms_norm" if op.startswith("qk") else op)
+            timings = harness.time_many(fns, device, warmup=2, repeats=args.repeats)
+            for provider, timing in timings.items():
+                peak = harness.peak_memory_mb(fns[provider], device)
+                results.append(harness.Result(
+                    "mmdit_block_op", f"{name}_{op}", provider, mode, str(dtype).removeprefix("torch."), timing, peak,
+                    {"tokens": n, "hidden": args.hidden, "heads": args.heads,
+                     "backend": str(backend) if provider == "nftcore" else "eager"}))
+            speedup = timings["eager"].p50 / timings["nftcore"].p50
+            print(f"{name} {op:17s} {mode:7s} nftcore {timings['nftcore'].p50:8.3f} ms  eager "
+                  f"{timings['eager'].p50:8.3f} ms  {speedup:5.2f}x  backend={backend}", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> list[harness.Result]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default=",".join(SHAPES), help=f"comma-separated from {', '.join(SHAPES)}")
@@ -163,19 +255,31 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats on CPU (CUDA uses do_bench)")
+    p.add_argument("--what", default="blocks,ops", help="blocks (whole blocks, nftcore vs sdpa attention) and/or "
+                   "ops (each fused block op vs its eager composition)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.threads:
+        torch.set_num_threads(args.threads)
     harness.print_machine()
-    results = []
+    results, op_results = [], []
     for name in args.shape.split(","):
         if name not in SHAPES:
             raise SystemExit(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
-        results += bench_shape(name, SHAPES[name], args, device, dtype)
+        if "blocks" in args.what:
+            results += bench_shape(name, SHAPES[name], args, device, dtype)
+        if "ops" in args.what:
+            op_results += bench_ops(name, SHAPES[name], args, device, dtype)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    harness.print_table(results, baseline=BASELINE)
+    if results:
+        harness.print_table(results, baseline=BASELINE)
+    if op_results:
+        harness.print_table(op_results, baseline="eager")
+    results += op_results
     if not args.no_record:
         harness.append_results(results)
         print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")

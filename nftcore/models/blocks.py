@@ -5,16 +5,23 @@ same: per-stream AdaLN-Zero modulation, per-stream QKV with RMS QK-norm, one joi
 per-stream output projection and GELU-tanh MLP, gated residuals). `SingleStreamBlock` is FLUX's parallel
 attention + MLP block over the already-joined sequence.
 
-Performance choices, each numerically neutral:
+Performance choices, each numerically neutral (fp32 parity with diffusers is tested, forward and gradients):
 - one fused QKV projection per stream: q, k, v come from one GEMM whose weight is diffusers' to_q/to_k/to_v
   concatenated at load time;
-- RoPE is applied inside `nftcore.ops.attention` from per-forward (cos, sin) tables; q/k/v stay [B, N, H, D];
-- modulation is one fused multiply-add (`torch.addcmul`) on the normalised stream, and gated residuals are one
-  `addcmul` too;
+- the element-wise glue is nftcore's fused block ops (`nftcore.ops`, each one pass forward and one backward on
+  CUDA, aten's fused LayerNorm kernels on the CPU reference path): `adaln` for every modulated LayerNorm,
+  `gated_adaln` for "attention gate + residual, then the MLP's modulated norm" of the double block, and
+  `gated_residual` to close each block;
+- the QK RMSNorm applies RoPE too (`ops.rms_norm(..., rope=)`, each stream with its rows of the joint table), so
+  the attention op receives rotated q/k [B, N, H, D] and rotates nothing itself;
+- the single block's output projection reads [attn ; GELU(mlp)] as two column blocks of its weight
+  (`lora.split_input_linear`, LoRA-aware) instead of a concatenated copy;
 - activation memory: the inputs of the projections that only element-wise work produced (modulated norms, the
-  GELU output, the per-stream slices of the attention output, the single block's `[attn ; mlp]`) are rebuilt in
-  backward instead of kept (`layers.recompute_in_backward`); GEMMs and attention are never recomputed. Every
-  projection is still called as its module, so wrappers such as LoRA see ordinary calls;
+  GELU output, the per-stream slices of the attention output) are rebuilt in backward instead of kept
+  (`layers.recompute_in_backward`); GEMMs and attention are never recomputed. `gated_adaln` keeps the block input
+  and recomputes the residual h in its backward, so h is freed once the MLP has consumed it, and `gated_residual`
+  keeps its update only when its gate is trained. Every projection is still called as its module, so wrappers such
+  as LoRA see ordinary calls;
 - without grad (rollouts) intermediate buffers are released as soon as they are consumed (the `del`s), which sets
   the peak of a sampling step.
 """
@@ -27,7 +34,8 @@ from torch import nn
 
 from nftcore import ops
 
-from .layers import modulated_layer_norm, recompute_in_backward, rms_norm
+from .layers import recompute_in_backward
+from .lora import split_input_linear
 
 Rope = tuple[torch.Tensor, torch.Tensor]
 
@@ -54,16 +62,16 @@ class MLP(nn.Module):
             return self.fc2(act)
 
 
-def _gated(residual: torch.Tensor, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-    """residual + gate[:, None] * update in one pass. residual, update [B, N, C]; gate [B, C]."""
-    return torch.addcmul(residual, gate[:, None], update)
-
-
 def modulated(layer: nn.Module, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float):
     """layer(LayerNorm(x) * (1 + scale) + shift), the modulated input rebuilt in backward rather than kept."""
-    h = modulated_layer_norm(x, shift, scale, eps)
-    with recompute_in_backward(h, lambda: modulated_layer_norm(x, shift, scale, eps)):
+    h = ops.adaln(x, scale, shift, eps)
+    with recompute_in_backward(h, lambda: ops.adaln(x, scale, shift, eps)):
         return layer(h)
+
+
+def _rope_rows(rope: Rope | None, start: int, stop: int) -> Rope | None:
+    """The rows [start, stop) of the joint (cos, sin) tables ([N, D/2] or [B, N, D/2]): one stream's positions."""
+    return None if rope is None else (rope[0][..., start:stop, :], rope[1][..., start:stop, :])
 
 
 def _project(layer: nn.Module, part: torch.Tensor, rebuild) -> torch.Tensor:
@@ -96,11 +104,24 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mlp = MLP(dim, mlp_hidden, **factory)
         self.checkpointing = False  # recompute this block in backward (set by MMDiT.set_activation_checkpointing)
 
-    def _qkv(self, x, mod, proj, q_w, k_w):
-        """Modulated norm -> fused QKV -> q, k RMS-normed. x [B, N, C] -> three [B, N, H, D]."""
+    def _qkv(self, x, mod, proj, q_w, k_w, rope):
+        """Modulated norm -> fused QKV -> q, k RMS-normed and rotated. x [B, N, C] -> three [B, N, H, D]."""
         qkv = modulated(proj, x, mod[0], mod[1], self.eps)  # [B, N, 3C]
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
-        return rms_norm(q, q_w, self.eps), rms_norm(k, k_w, self.eps), v
+        return ops.rms_norm(q, q_w, self.eps, rope=rope), ops.rms_norm(k, k_w, self.eps, rope=rope), v
+
+    def _tail(self, x, mod, attn_out, mlp):
+        """Attention gate + residual, the MLP on the modulated norm of that, MLP gate + residual. x, attn_out
+        [B, N, C] (attn_out: the output projection's result) -> the stream's new residual."""
+        h, m = ops.gated_adaln(x, mod[2], attn_out, mod[4], mod[3], self.eps)
+        rebuild = None
+        if torch.is_grad_enabled():  # m rebuilt from x and attn_out, which gated_adaln keeps anyway
+            rebuild = lambda y=attn_out: ops.gated_adaln(x, mod[2], y, mod[4], mod[3], self.eps)[1]  # noqa: E731
+        del attn_out  # without grad nothing else holds it: freed before the MLP's activations exist
+        with recompute_in_backward(m, rebuild):
+            update = mlp(m)
+        del m
+        return ops.gated_residual(h, mod[5], update)
 
     def forward(self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope | None,
                 mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,17 +129,20 @@ class DoubleStreamBlock(nn.Module):
         (True = attend) or None -> (img, txt) updated."""
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # 6 x [B, C]
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
+        n_txt, n_img = txt.shape[1], img.shape[1]
         q, k, v = (torch.cat(pair, dim=1) for pair in zip(  # joint [text ; image], each [B, Nt+Ni, H, D]
-            self._qkv(txt, txt_mod, self.txt_qkv, self.txt_q_norm, self.txt_k_norm),
-            self._qkv(img, img_mod, self.img_qkv, self.img_q_norm, self.img_k_norm)))
-        attn = ops.attention(q, k, v, key_padding_mask=mask, rope=rope).flatten(2)  # [B, Nt+Ni, C]
+            self._qkv(txt, txt_mod, self.txt_qkv, self.txt_q_norm, self.txt_k_norm, _rope_rows(rope, 0, n_txt)),
+            self._qkv(img, img_mod, self.img_qkv, self.img_q_norm, self.img_k_norm,
+                      _rope_rows(rope, n_txt, n_txt + n_img))))
+        attn = ops.attention(q, k, v, key_padding_mask=mask).flatten(2)  # [B, Nt+Ni, C]; q, k already rotated
         del q, k, v
-        sizes = [txt.shape[1], img.shape[1]]
+        sizes = [n_txt, n_img]
         txt_attn, img_attn = attn.split(sizes, dim=1)  # one split node: its backward is one cat, no zero-filling
-        img = _gated(img, img_mod[2], _project(self.img_out, img_attn, lambda: attn.split(sizes, 1)[1].contiguous()))
-        txt = _gated(txt, txt_mod[2], _project(self.txt_out, txt_attn, lambda: attn.split(sizes, 1)[0].contiguous()))
-        img = _gated(img, img_mod[5], modulated(self.img_mlp, img, img_mod[3], img_mod[4], self.eps))
-        txt = _gated(txt, txt_mod[5], modulated(self.txt_mlp, txt, txt_mod[3], txt_mod[4], self.eps))
+        # Each stream's projection is consumed by its tail before the next one exists (the no-grad peak).
+        img = self._tail(img, img_mod, _project(self.img_out, img_attn, lambda: attn.split(sizes, 1)[1].contiguous()),
+                         self.img_mlp)
+        txt = self._tail(txt, txt_mod, _project(self.txt_out, txt_attn, lambda: attn.split(sizes, 1)[0].contiguous()),
+                         self.txt_mlp)
         return img, txt
 
 
@@ -144,22 +168,21 @@ class SingleStreamBlock(nn.Module):
         before the [B, N, M] MLP activations exist, which lowers the no-grad (rollout) peak; with grad the same
         tensors are kept either way."""
         shift, scale, gate = self.mod(vec).chunk(3, dim=-1)
-        h = modulated_layer_norm(x, shift, scale, self.eps)
-        rebuild_h = recompute_in_backward(h, lambda: modulated_layer_norm(x, shift, scale, self.eps))
+        h = ops.adaln(x, scale, shift, self.eps)
+        rebuild_h = recompute_in_backward(h, lambda: ops.adaln(x, scale, shift, self.eps))
         with rebuild_h:
             q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
-        attn = ops.attention(rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps), v,
-                             key_padding_mask=mask, rope=rope).flatten(2)  # [B, N, C]
+        attn = ops.attention(ops.rms_norm(q, self.q_norm, self.eps, rope=rope),
+                             ops.rms_norm(k, self.k_norm, self.eps, rope=rope), v,
+                             key_padding_mask=mask).flatten(2)  # [B, N, C]
         del q, k, v
         with rebuild_h:
             pre = self.mlp_in(h)  # [B, N, M]
         del h
         act = _gelu(pre)
-        grad = torch.is_grad_enabled()
-        rebuild = (lambda attn=attn, pre=pre: torch.cat([attn, _gelu(pre)], dim=-1)) if grad else None
-        del pre  # without grad nothing else holds it: freed before the concatenation
-        both = torch.cat([attn, act], dim=-1)  # [B, N, C + M]
-        del act
-        with recompute_in_backward(both, rebuild):
-            update = self.out(both)
-        return _gated(x, gate, update)
+        rebuild_act = recompute_in_backward(act, (lambda pre=pre: _gelu(pre)) if torch.is_grad_enabled() else None)
+        del pre  # without grad nothing else holds it: freed before the output projection
+        with rebuild_act:
+            update = split_input_linear(self.out, [attn, act])  # out([attn ; act]) without the concatenation
+        del act, attn
+        return ops.gated_residual(x, gate, update)

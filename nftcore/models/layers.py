@@ -10,16 +10,16 @@ GEMM or the attention.
 - `recompute_in_backward(t, fn)`: while active, any op that saves `t` (or a view of it) for backward stores `fn`
   instead, and `fn()` rebuilds it when backward needs it. Consumers stay ordinary modules, so a LoRA-wrapped Linear
   gets the same saving. Skipped under `torch.compile`, whose partitioner makes its own recompute choices.
-- `rms_norm`: RMSNorm as one autograd node that saves its input and the per-row 1/rms only (the composite
-  `F.rms_norm` on CPU also saves x / rms).
-- `modulated_layer_norm`: AdaLN's `LayerNorm(x) * (1 + scale) + shift` whose LayerNorm output is rebuilt in backward.
+- `rms_norm` and `modulated_layer_norm`: the blocks' RMSNorm and AdaLN, now the fused ops `nftcore.ops.rms_norm` and
+  `nftcore.ops.adaln` (each one autograd node that saves its input and per-row statistics only, never the normalised
+  tensor); kept here under their old names for callers of this module.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
+
+from nftcore import ops
 
 
 class _Rebuild:
@@ -90,41 +90,12 @@ class recompute_in_backward:  # noqa: N801 - used like a function-style context 
 
 
 def modulated_layer_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift, no LayerNorm weights. x [B, N, C]; shift, scale [B, C].
-
-    The multiply-add is one `addcmul`; its saved LayerNorm output is rebuilt from x (which LayerNorm keeps anyway)."""
-    normed = F.layer_norm(x, x.shape[-1:], eps=eps)
-    with recompute_in_backward(normed, lambda: F.layer_norm(x, x.shape[-1:], eps=eps)):
-        return torch.addcmul(shift[:, None], normed, 1 + scale[:, None])
-
-
-class _RMSNorm(torch.autograd.Function):
-    """y = x * rsqrt(mean(x^2) + eps) * w over the last dim, math in fp32 (as diffusers), y in x's dtype."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xc = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 math for half types, fp64 stays fp64
-        rstd = torch.rsqrt(xc.square().mean(-1, keepdim=True) + eps)  # [..., 1]
-        ctx.save_for_backward(x, weight, rstd)
-        return (xc * rstd * weight).to(x.dtype)
-
-    @staticmethod
-    @once_differentiable  # rstd is saved as a constant: a double backward through this would be wrong, so it raises
-    def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = x.to(rstd.dtype) * rstd
-        g = grad.to(rstd.dtype)
-        gw = g * weight  # dL/dxhat
-        grad_x = rstd * (gw - xhat * (gw * xhat).mean(-1, keepdim=True))
-        grad_w = (g * xhat).sum(tuple(range(grad.dim() - 1))) if ctx.needs_input_grad[1] else None
-        return (
-            grad_x.to(x.dtype),
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None,  # eps: a Python float
-        )
+    """LayerNorm(x) * (1 + scale) + shift, no LayerNorm weights. x [B, N, C]; shift, scale [B, C]. See
+    `nftcore.ops.adaln` (note its argument order: scale before shift)."""
+    return ops.adaln(x, scale, shift, eps)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim with weight [D]: the per-head QK norm of q or k [B, N, H, D], and Qwen-Image's text
-    input norm [B, Nt, 3584]."""
-    return _RMSNorm.apply(x, weight, eps)
+    """RMSNorm over the last dim with weight [D], math in fp32 (as diffusers), result in x's dtype: Qwen-Image's text
+    input norm [B, Nt, 3584] (the blocks' QK norms call `nftcore.ops.rms_norm` with their RoPE tables)."""
+    return ops.rms_norm(x, weight, eps)

@@ -3,12 +3,14 @@
 Importing this package costs torch (and triton, when a kernel is first used) - nothing heavier.
 """
 
+from .adaln import adaln, gated_adaln, gated_residual
 from .attention import attention
 from .checks import NonFiniteError
 from .dispatch import Backend, last_backend, select_backend
 from .nft_loss import nft_loss
 from .reference import NFTLossOutput
+from .rms_norm import rms_norm
 from .score_logits import score_logits
 
-__all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "attention", "last_backend", "nft_loss", "score_logits",
-           "select_backend"]
+__all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "adaln", "attention", "gated_adaln", "gated_residual",
+           "last_backend", "nft_loss", "rms_norm", "score_logits", "select_backend"]
