@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -81,16 +80,8 @@ def _environment(provider: str):
     if provider != OP_REFERENCE:
         yield
         return
-    saved = {k: os.environ.get(k) for k in REFERENCE_ENV}
-    os.environ.update(REFERENCE_ENV)
-    try:
+    with harness.env_vars(REFERENCE_ENV):
         yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _in_env(provider: str, fn):

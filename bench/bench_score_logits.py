@@ -28,8 +28,6 @@ bandwidth-bound range M <~ 295 on H100).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 from pathlib import Path
 
@@ -52,19 +50,9 @@ FULL_REFERENCE = "full-reference"
 REFERENCE_ENV = {"NFTCORE_DISABLE_TRITON": "1", "NFTCORE_DISABLE_NATIVE": "1"}
 
 
-@contextlib.contextmanager
 def _reference_backend():
     """The op's PyTorch reference backend for the duration (dispatch reads these per call)."""
-    saved = {k: os.environ.get(k) for k in REFERENCE_ENV}
-    os.environ.update(REFERENCE_ENV)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return harness.env_vars(REFERENCE_ENV)
 
 
 def _on_reference(fn):

@@ -12,6 +12,7 @@ root on sys.path themselves (see `bench/bench_nft_loss.py`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -190,13 +191,24 @@ def git_commit() -> str:
 
 
 def cpu_model() -> str:
+    from nftcore.info import cpu_model as model
+
+    return model()
+
+
+@contextlib.contextmanager
+def env_vars(values: dict[str, str]):
+    """`values` set in os.environ for the duration (the dispatcher reads its flags per call), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @cache
