@@ -139,8 +139,10 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
+        from nftcore.train import exit_process
+
         worker(args)
-        return []
+        exit_process(0)  # os._exit: gloo's threads can abort the interpreter's teardown (see exit_process)
     harness.print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         folder, out = build_model_folder(Path(tmp) / "judge", args.smoke), Path(tmp) / "result.json"

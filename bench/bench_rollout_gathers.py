@@ -166,9 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.worker:
         import torch.distributed as dist
 
+        from nftcore.train import exit_process
+
         dist.init_process_group("gloo")
         worker(args)
-        return {}
+        exit_process(0)  # os._exit: gloo's threads can abort the interpreter's teardown (see exit_process)
     harness.print_machine()
     with tempfile.TemporaryDirectory() as tmp:
         modes = summarize(run_ranks(args, Path(tmp) / "result.json", Path(tmp)))
