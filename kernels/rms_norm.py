@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .adaln import _store  # fp32 -> the pointer's dtype, bf16 rounded by hand under the interpreter
+
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_D = 8192  # one row per tile up to here (QK norm: D = 128; Qwen-Image's text norm: D = 3584)
 _TARGET_PROGRAMS = 2 * 132  # two resident programs per H100 SM
@@ -48,17 +50,6 @@ def split_config(rows: int, block_r: int) -> tuple[int, int]:
     splits = max(1, min(tiles, _TARGET_PROGRAMS))
     chunk = triton.cdiv(tiles, splits) * block_r
     return triton.cdiv(max(rows, 1), chunk), chunk
-
-
-@triton.jit
-def _store(ptr, v, mask, ROUND_BF16: tl.constexpr):
-    """Store fp32 `v` in the pointer's dtype, rounding to nearest-even by hand for bf16 under the interpreter."""
-    if ROUND_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
-    else:
-        tl.store(ptr, v.to(ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
