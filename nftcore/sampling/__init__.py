@@ -1,10 +1,12 @@
-"""Model-agnostic rollout sampling: sigma schedules, deterministic flow solvers, and an analytic test flow.
+"""Model-agnostic rollout sampling: sigma schedules, deterministic flow solvers, true classifier-free
+guidance (inference only), and an analytic test flow.
 
 Everything here works on plain tensors and a ``velocity_fn(x, sigma)`` callable, so every trainer shares one
 sampler and one definition of the training timesteps.
 """
 
 from nftcore.sampling.analytic import GaussianFlow
+from nftcore.sampling.guidance import combine_cfg, true_cfg
 from nftcore.sampling.schedules import (
     FLUX_SCHEDULE,
     QWEN_IMAGE_SCHEDULE,
@@ -37,6 +39,7 @@ __all__ = [
     "Trajectory",
     "VelocityFn",
     "calculate_mu",
+    "combine_cfg",
     "dpm2",
     "dpm2_step",
     "euler",
@@ -47,5 +50,6 @@ __all__ = [
     "qwen_image_sigmas",
     "sample",
     "stretch_to_terminal",
+    "true_cfg",
     "x0_prediction",
 ]
