@@ -14,6 +14,9 @@ Deliberate differences from the official configs, each one flag away:
 - `filter.rule = "paper"` (§11.2). `--filter.rule=none` gives the official Kontext config, `--filter.rule=code` the
   official Qwen one (whose `ban_prompt = True` is `filter.ban_prompts` here, on in the Qwen recipe).
 - `model.dtype = "bf16"` for Kontext too (§11.7); the official script leaves its transformer in fp32.
+- `model.finetune = "lora"` as Edit-R1; `--model.finetune=full --parallel.shard_transformer=true` trains every
+  transformer weight instead (fp32 master weights and AdamW state sharded by FSDP2, bf16 compute; the reference has
+  no full fine-tuning). The demo takes `--model.finetune=full` as is (one rank, or sharded by default on several).
 - `data.group_key = "sample_id"` (§11.3). Keying groups on the instruction text as the reference does
   (`--data.group_key=instruction`) is not implemented yet and is rejected.
 """
@@ -54,7 +57,9 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
     return TrainConfig(
         recipe=name,
         run=RunConfig(name=name, out=f"runs/{name}", epochs=100_000, seed=42),  # the reference runs until stopped
-        model=ModelConfig(family=family, path=path, dtype="bf16", gradient_checkpointing=True),
+        # LoRA, as Edit-R1. `--model.finetune=full` trains every weight (fp32 masters, FSDP2-sharded: the transformer
+        # must then be sharded, --parallel.shard_transformer=true; memory plan in docs/TRAINING.md).
+        model=ModelConfig(family=family, finetune="lora", path=path, dtype="bf16", gradient_checkpointing=True),
         lora=LoRAConfig(rank=32, alpha=64.0, init="gaussian", include_mlp=False),
         sampling=SamplingConfig(
             group_size=12,

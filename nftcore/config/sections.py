@@ -71,9 +71,16 @@ class ModelConfig:
                 "embedded tiny CPU model).")
     path: str = option("", "Pretrained diffusers pipeline: a local folder, or a Hugging Face id already in the local "
                            "cache (nothing is downloaded); empty for the 'demo' base.")
+    finetune: Literal["lora", "full"] = option(
+        "lora", "What trains: 'lora' (Edit-R1: adapters on the frozen transformer) or 'full' (every transformer "
+                "weight, kept as fp32 masters with fp32 AdamW moments; θ_old and the reference are model.dtype "
+                "copies, the EMA fp32). 'full' on more than one rank needs parallel.shard_transformer = true; "
+                "docs/TRAINING.md has the memory plan.")
     dtype: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "Storage dtype of the frozen base weights (LoRA adapters are always fp32). The reference loads Kontext "
-                "in fp32, ~24 GB more per GPU than bf16 (§11.7).")
+        "fp32", "Storage dtype of the frozen base weights (LoRA adapters are always fp32). With model.finetune = "
+                "'full' the compute dtype of the forwards (the trained weights stay fp32) and the storage of the "
+                "θ_old and reference copies. The reference loads Kontext in fp32, ~24 GB more per GPU than bf16 "
+                "(§11.7).")
     gradient_checkpointing: bool = option(
         False, "Recompute each block's activations in backward; needed to fit the 12B/20B models at 512².")
 
@@ -447,9 +454,28 @@ class TrainConfig:
             found += [split] if split else []
         return found
 
-    def validate(self) -> TrainConfig:
-        """Raise one ConfigError listing every problem; return self, so `cfg = recipe().validate()` reads well."""
+    def world_size_problems(self, world_size: int) -> list[str]:
+        """What cannot work on `world_size` ranks (the batch plan checks its own sizes: `batch_plan`)."""
+        return _failed({
+            f"model.finetune='full' on {world_size} ranks with parallel.shard_transformer=false: full weights "
+            f"replicated on every rank cost {world_size}× memory and an all-reduce of every weight's gradient; set "
+            "parallel.shard_transformer=true":
+                not (self.model.finetune == "full" and world_size > 1 and not self.parallel.shard_transformer),
+        })
+
+    def check_world_size(self, world_size: int) -> TrainConfig:
+        """Raise one ConfigError listing what cannot work on `world_size` ranks; return self."""
+        found = self.world_size_problems(world_size)
+        if found:
+            raise ConfigError(f"invalid config for {world_size} ranks:\n  - " + "\n  - ".join(found))
+        return self
+
+    def validate(self, world_size: int | None = None) -> TrainConfig:
+        """Raise one ConfigError listing every problem (with `world_size`, also what cannot work on that many ranks);
+        return self, so `cfg = recipe().validate()` reads well."""
         found = self.problems()
+        if world_size is not None and not found:
+            found = self.world_size_problems(world_size)
         if found:
             raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
         return self

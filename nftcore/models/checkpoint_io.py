@@ -11,6 +11,7 @@ Memory: the model is built on the meta device; every tensor is validated from th
 dtypes; no tensor data read), then each nftcore parameter is allocated once in its final dtype/device and its
 diffusers parts are copied into it one by one, straight from the memory-mapped file; each shard is unmapped after
 its last tensor. A 20 B model therefore never exists twice, and no state dict of the whole model is ever built.
+Saving holds one output file's tensors at a time, gathering FSDP2-sharded parameters one by one as their file fills.
 """
 
 from __future__ import annotations
@@ -252,38 +253,72 @@ def diffusers_state_dict(model: "MMDiT", params: Mapping[str, torch.Tensor] | No
     no copy). `params` (our names → full tensors, e.g. a gathered FSDP2 state dict) replaces the model's own."""
     params = dict(model.named_parameters()) if params is None else params
     for ours, parts in key_map(model.config).items():
-        value, row = params[ours].detach(), 0
-        for theirs, rows in parts:
-            yield theirs, value[row:row + rows]
-            row += rows
+        yield from _split(ours, params[ours].detach(), parts)
+
+
+def _split(ours: str, value: torch.Tensor, parts: list[tuple[str, int]]):
+    row = 0
+    for theirs, rows in parts:
+        yield theirs, value[row:row + rows]
+        row += rows
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor: an FSDP2 shard (DTensor) is all-gathered, a plain tensor is itself."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _files(kmap: KeyMap, params: Mapping[str, torch.Tensor], limit: int, dtype: torch.dtype | None) -> list[list[str]]:
+    """Our parameter names grouped into files of at most `limit` bytes (a fused parameter's parts stay in one file),
+    planned from the (global) shapes alone, so nothing is gathered to plan."""
+    files: list[list[str]] = [[]]
+    size = 0
+    for ours in kmap:
+        p = params[ours]
+        nbytes = p.numel() * (dtype or p.dtype).itemsize
+        if files[-1] and size + nbytes > limit:
+            files.append([])
+            size = 0
+        files[-1].append(ours)
+        size += nbytes
+    return files
 
 
 def save_pretrained(model: "MMDiT", folder: str | Path, *, max_shard_size: int | str = "10GB",
-                    params: Mapping[str, torch.Tensor] | None = None) -> None:
+                    params: Mapping[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None,
+                    write: bool = True) -> None:
     """Write `config.json` and the weights in diffusers' layout and names (QKV un-fused), sharded when the total
-    exceeds `max_shard_size` (diffusers' file names and index format). Tensors are moved to CPU one shard at a time.
-    `params`: the weights to write instead of the model's own (see `diffusers_state_dict`)."""
+    exceeds `max_shard_size` (diffusers' file names and index format). `params`: the weights to write instead of the
+    model's own (our names); `dtype`: the dtype written (default: each tensor's own).
+
+    One file's tensors at a time are on the CPU. FSDP2 shards (DTensors) are gathered one parameter at a time while
+    their file is filled: a collective, so every rank calls this with the same model and `write=False` on all but
+    one, which runs the same gathers and writes nothing."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    limit = _parse_size(max_shard_size)
-    shards: list[list[tuple[str, torch.Tensor]]] = [[]]
-    size = 0
-    for key, tensor in diffusers_state_dict(model, params):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, tensor))
-        size += nbytes
-    for stale in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*.safetensors")]:
-        stale.unlink(missing_ok=True)  # a previous save with another sharding must not leave files behind
-    names = [WEIGHTS_NAME] if len(shards) == 1 else [
-        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file({k: t.to("cpu").contiguous() for k, t in shard}, str(folder / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for shard in shards for _, t in shard)
-        index = {"metadata": {"total_size": total},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k, _ in shard}}
+    params = dict(model.named_parameters()) if params is None else params
+    kmap = key_map(model.config)
+    files = _files(kmap, params, _parse_size(max_shard_size), dtype)
+    names = [WEIGHTS_NAME] if len(files) == 1 else [
+        f"diffusion_pytorch_model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i in range(len(files))]
+    if write:
+        folder.mkdir(parents=True, exist_ok=True)
+        stale = [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*.safetensors")]
+        for path in stale:
+            path.unlink(missing_ok=True)  # a previous save with another sharding must not leave files behind
+    weight_map, total = {}, 0
+    for name, group in zip(names, files):
+        shard = {}
+        for ours in group:
+            value = _whole(params[ours].detach()).to("cpu", dtype or params[ours].dtype)
+            shard |= {k: t.contiguous() for k, t in _split(ours, value, kmap[ours])}
+        if write:
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, name)
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+        del shard  # this file's tensors are written: free them before gathering the next file's
+    if not write:
+        return
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     (folder / CONFIG_NAME).write_text(json.dumps(model.config.to_diffusers(), indent=2, sort_keys=True) + "\n")

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from nftcore.nft.old_policy import TensorCollection, lerp_pairs_, pair_tensors
+from nftcore.nft.old_policy import TensorCollection, lerp_pairs_, local_pair, pair_tensors
 
 
 def _check_decay(decay: float) -> float:
@@ -41,7 +41,8 @@ class EMA:
     """EMA shadows of a tensor collection (an iterable of tensors, or a name→tensor mapping).
 
     Shadows are kept in fp32 (fp64 tensors stay fp64) whatever the live dtype, because bf16 cannot represent the
-    small per-step moves an average makes. They live on `device` if given (e.g. "cpu" to save accelerator memory),
+    small per-step moves an average makes. FSDP2-sharded weights get sharded shadows, updated and swapped shard by
+    shard (`local_pair`): nothing is gathered. They live on `device` if given (e.g. "cpu" to save accelerator memory),
     else next to each tensor. Every later call must pass a collection of the same kind and structure as the one
     given here; mismatches are ValueErrors naming the entry (see `pair_tensors`).
 
@@ -109,24 +110,28 @@ class EMA:
     def copy_to(self, params: TensorCollection) -> None:
         """Overwrite `params` with the averaged weights (cast to each tensor's dtype and device)."""
         for _, live, shadow in pair_tensors(params, self._shadow, target_name="params", source_name="ema"):
-            live.copy_(shadow)
+            local, average = local_pair(live, shadow)
+            local.copy_(average)
 
     @contextmanager
     def swapped(self, params: TensorCollection) -> Iterator[None]:
         """Temporarily load the averaged weights into `params`; the originals come back on exit, even on error.
 
-        Holds one copy of `params` meanwhile (on their own device), which restores them bit-exactly.
+        Holds one copy of `params` meanwhile (on their own device; FSDP2 shards: of the local shards), which restores
+        them bit-exactly.
         """
         triples = pair_tensors(params, self._shadow, target_name="params", source_name="ema")
-        backups = [live.detach().clone() for _, live, _ in triples]
+        with torch.no_grad():
+            pairs = [local_pair(live, shadow) for _, live, shadow in triples]
+            backups = [live.clone() for live, _ in pairs]
         try:
             with torch.no_grad():
-                for _, live, shadow in triples:
+                for live, shadow in pairs:
                     live.copy_(shadow)
             yield
         finally:
             with torch.no_grad():
-                for (_, live, _), backup in zip(triples, backups):
+                for (live, _), backup in zip(pairs, backups):
                     live.copy_(backup)
 
     def state_dict(self) -> dict[str, Any]:

@@ -9,7 +9,9 @@ sampling policy behind θ, which trades learning speed for stability (paper abla
 up so early training is on-policy and later training is damped.
 
 `soft_update_` works on any two matching tensor collections, so full weights and LoRA adapters use the same code,
-and `ema.py` reuses it for the evaluation EMA (which is the same update with a different weight).
+and `ema.py` reuses it for the evaluation EMA (which is the same update with a different weight). FSDP2-sharded
+weights (DTensors) are updated shard by shard on each rank: an fp32 θ and a bf16 θ_old of a 20 B model are never
+gathered for it.
 """
 
 from __future__ import annotations
@@ -77,15 +79,31 @@ def pair_tensors(
     return triples
 
 
+def local_pair(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair as plain tensors for an in-place update. Two FSDP2 shards (DTensors on one mesh with the same
+    placements) become their local shards, so the update runs shard by shard on every rank and nothing is gathered;
+    plain tensors pass through. A DTensor paired with a plain tensor, or with another layout, is a ValueError rather
+    than a silent redistribution (a gather of the whole weight)."""
+    sharded = [hasattr(t, "to_local") for t in (target, source)]
+    if not any(sharded):
+        return target, source
+    if all(sharded) and target.device_mesh == source.device_mesh and target.placements == source.placements:
+        return target.to_local(), source.to_local()
+    layouts = [f"DTensor{tuple(t.placements)}" if d else "a plain tensor" for t, d in zip((target, source), sharded)]
+    raise ValueError(f"cannot update {layouts[0]} from {layouts[1]} shard by shard: both must be sharded alike (was "
+                     "a model left gathered after a forward?)")
+
+
 @torch.no_grad()
 def lerp_pairs_(targets: list[torch.Tensor], sources: list[torch.Tensor], weight: float) -> None:
     """`target ← target + weight·(source − target)` for every pair, in place, batched with foreach kernels.
 
     Sources are brought to each target's device. Low-precision (fp16/bf16) targets are blended in fp32 and
-    rounded once on the way back, so a small step is not lost to bf16 rounding of the difference.
+    rounded once on the way back, so a small step is not lost to bf16 rounding of the difference. FSDP2 shards are
+    updated through their local shards (`local_pair`).
     """
     groups: dict[tuple[torch.device, torch.dtype], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for target, source in zip(targets, sources):
+    for target, source in (local_pair(t, s) for t, s in zip(targets, sources)):
         group = groups.setdefault((target.device, target.dtype), ([], []))
         group[0].append(target)
         group[1].append(source)
@@ -114,7 +132,8 @@ def soft_update_(old: TensorCollection, new: TensorCollection, eta: float) -> No
         return
     if eta == 0.0:
         for _, target, source in triples:
-            target.copy_(source)
+            local, other = local_pair(target, source)
+            local.copy_(other)
         return
     lerp_pairs_([t for _, t, _ in triples], [s for _, _, s in triples], 1.0 - eta)
 

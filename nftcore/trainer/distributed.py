@@ -6,7 +6,8 @@ identity, so the single-process path is the distributed path with world_size 1, 
 FSDP2 (`fully_shard`) goes per transformer block, then on the root, with a `MixedPrecisionPolicy`
 of bf16 parameters and fp32 gradient reduction on GPU, and plain fp32 on CPU (gloo has no bf16 reduce worth having,
 and the CPU tests compare 1 vs 2 ranks in fp32). LoRA must be applied before wrapping: FSDP2 shards every parameter
-of a block, frozen base weights and both adapters alike, and gathers them around each forward.
+of a block, frozen base weights and both adapters alike, and gathers them around each forward. Full fine-tuning's
+trained model is sharded as fp32 masters and gathered in model.dtype (`shard_transformer`'s `master_dtype`).
 
 Gradient reduction: FSDP2 *averages* gradients over ranks. The trainer normalises each rank's loss by the global
 number of trained (sample, timestep) pairs and multiplies it by world_size (`loss_scale_for_reduction`), so the
@@ -87,14 +88,23 @@ def shutdown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Module:
+def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig, *, master_dtype: torch.dtype | None = None,
+                      compute_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2: `fully_shard` every block of `model.blocks` (the MMDiT's double then single blocks), then the root;
     HSDP when `parallel.replicate_degree` > 1.
 
-    The last block keeps its parameters gathered after forward (its backward comes right next). No-op on one rank,
-    and with `parallel.shard_transformer = false` (replicated; see `average_gradients`).
+    The last block keeps its parameters gathered after forward (its backward comes right next). No sharding on one
+    rank, and with `parallel.shard_transformer = false` (replicated; see `average_gradients`).
+
+    `master_dtype` (full fine-tuning's trained model): the parameters are held in it, fp32 masters. Each block is
+    cast just before it is sharded, so no full-precision copy of the whole model ever exists on one rank; the
+    forward then computes in `compute_dtype` (the MixedPrecisionPolicy's param_dtype: each gathered block is cast,
+    gradients are reduce-scattered in fp32 into the fp32 shards). Unsharded, the model is cast whole and the trainer
+    autocasts instead.
     """
     if env.world_size == 1 or not cfg.parallel.shard_transformer:
+        if master_dtype is not None:
+            model.to(master_dtype)
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
@@ -103,18 +113,33 @@ def shard_transformer(model: nn.Module, env: DistEnv, cfg: TrainConfig) -> nn.Mo
     # root: an in-place op on it would skip the pre-backward hook. The trainer never modifies velocities in place.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = _mesh(env, cfg.parallel.replicate_degree, init_device_mesh)
-    if env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16":
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    kwargs = dict(mesh=mesh, mp_policy=mp)
+    if compute_dtype is None and env.device.type == "cuda" and cfg.optim.mixed_precision == "bf16":
+        compute_dtype = torch.bfloat16
+    if compute_dtype == master_dtype:
+        compute_dtype = None
+    kwargs = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32))
     if cfg.parallel.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    if master_dtype is not None:
+        _cast_outside(model, master_dtype, skip=model.blocks)  # the root's own weights: embedders, final layer
     for block in model.blocks:
+        if master_dtype is not None:
+            block.to(master_dtype)
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     training_resharding(model)
     return model
+
+
+def _cast_outside(module: nn.Module, dtype: torch.dtype, skip: list[nn.Module]) -> None:
+    """Cast `module`'s parameters to `dtype` in place, except those of the modules in `skip` (cast separately)."""
+    if any(module is other for other in skip):
+        return
+    for name, param in list(module._parameters.items()):
+        if param is not None and param.dtype != dtype:
+            module._parameters[name] = nn.Parameter(param.detach().to(dtype), requires_grad=param.requires_grad)
+    for child in module.children():
+        _cast_outside(child, dtype, skip)
 
 
 def training_resharding(model: nn.Module) -> None:

@@ -29,7 +29,7 @@ Qwen-Image-Edit: VAE + text encoders around `nftcore.models.MMDiT`, the Edit-R1 
 Also here: `build_reward` (the config's reward backend as one callable) and the trainable-weights strategies, which
 give the loop θ, θ_old and the reference as velocity functions plus the tensors to optimise, average and save:
 `LoRAWeights` (Edit-R1: adapters "default"/"old" on one model, reference = adapters disabled) and `FullWeights`
-(full fine-tuning: the model, a copy for θ_old, a frozen copy for the reference).
+(model.finetune = 'full': the model as fp32 masters, a copy for θ_old, a frozen copy for the reference).
 """
 
 from __future__ import annotations
@@ -320,6 +320,12 @@ class LoRAWeights:
     def models(self) -> list[nn.Module]:
         return [self.model]
 
+    def place(self, env, cfg: TrainConfig) -> None:
+        """Activation checkpointing and FSDP2 (adapters included: they are applied already)."""
+        from nftcore.trainer.distributed import shard_transformer
+
+        shard_transformer(_checkpointing(self.model, cfg), env, cfg)
+
     def trainable(self) -> list[nn.Parameter]:
         from nftcore.models.lora import trainable_parameters
 
@@ -375,19 +381,58 @@ class LoRAWeights:
 
 class FullWeights:
     """Full fine-tuning: θ is the model itself (every parameter trained), θ_old a second copy, the reference a third,
-    frozen copy (only built when kl_weight > 0). Three models' memory instead of one: for small models or sharded
-    runs (the reference implementation has no full fine-tuning)."""
+    frozen copy (only built when kl_weight > 0 or evaluation is on). For small models, or sharded over many ranks
+    (the reference implementation has no full fine-tuning; docs/TRAINING.md has the memory plan).
+
+    Precision: θ's parameters are fp32 masters (FSDP2 shards, or the plain parameters on one rank), so AdamW's
+    moments and the gradients are fp32 too and a small update is not rounded away; the forwards compute in
+    model.dtype (FSDP2's MixedPrecisionPolicy, or the trainer's autocast unsharded). θ_old and the reference take no
+    gradient and stay in model.dtype; the EMA keeps fp32 shadows.
+    """
 
     kind = "full"
+    master_dtype = torch.float32
 
     def __init__(self, family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator):
+        self.family, self.model = family, family.transformer
+        self.compute_dtype = MODEL_DTYPES[cfg.model.dtype]
+        self.keep_ref = cfg.nft.kl_weight > 0 or cfg.eval.every > 0  # the base-model evaluation needs it too
+        self.old = self.ref = None
+        self.model.requires_grad_(True)
+
+    def place(self, env, cfg: TrainConfig) -> None:
+        """θ as fp32 masters (sharded block by block), and the copies. Sharded, each copy is built on the meta
+        device, sharded like θ and filled from θ's shards, so no rank ever holds more than the one model it loaded;
+        unsharded, the copies are plain deep copies."""
         import copy
 
-        self.family, self.model = family, family.transformer
-        self.old = copy.deepcopy(self.model).requires_grad_(False)
-        keep_ref = cfg.nft.kl_weight > 0 or cfg.eval.every > 0  # the base-model evaluation needs it too
-        self.ref = copy.deepcopy(self.model).requires_grad_(False) if keep_ref else None
-        self.model.requires_grad_(True)
+        from nftcore.trainer.distributed import shard_transformer
+
+        count = 2 if self.keep_ref else 1
+        cls, config = type(self.model), self.model.config
+        sharded = env.world_size > 1 and cfg.parallel.shard_transformer
+        copies = [] if sharded else [_checkpointing(copy.deepcopy(self.model).requires_grad_(False), cfg)
+                                     for _ in range(count)]
+        shard_transformer(_checkpointing(self.model, cfg), env, cfg, master_dtype=self.master_dtype,
+                          compute_dtype=self.compute_dtype)
+        if sharded:
+            copies = [self._sharded_copy(cls, config, env, cfg) for _ in range(count)]
+        self.old, self.ref = copies[0], copies[1] if self.keep_ref else None
+
+    def _sharded_copy(self, cls, config, env, cfg: TrainConfig) -> nn.Module:
+        """A frozen model.dtype copy of θ: built weightless, sharded as θ is, then each local shard copied from θ's."""
+        from nftcore.nft.old_policy import local_pair
+        from nftcore.trainer.distributed import shard_transformer
+
+        twin = cls(config, dtype=self.compute_dtype, device="meta").requires_grad_(False)
+        shard_transformer(_checkpointing(twin, cfg), env, cfg)
+        twin.to_empty(device="cpu" if cfg.parallel.cpu_offload else env.device)
+        masters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, param in twin.named_parameters():
+                local, master = local_pair(param, masters[name])
+                local.copy_(master)
+        return twin
 
     def models(self) -> list[nn.Module]:
         return [m for m in (self.model, self.old, self.ref) if m is not None]
@@ -414,21 +459,23 @@ class FullWeights:
         return {**{f"theta.{k}": v for k, v in self.model.state_dict().items()},
                 **{f"old.{k}": v for k, v in self.old.state_dict().items()}}
 
-    def export(self, directory) -> None:
-        """θ (with whatever weights are loaded, e.g. the EMA swapped in) as a diffusers transformer folder,
-        `directory/transformer` (`FluxTransformer2DModel.from_pretrained`). Gathering FSDP2 shards is a collective:
-        every rank calls this, and only rank 0 receives the full weights and writes."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def export(self, directory, *, write: bool = True, max_shard_size: int | str = "10GB") -> None:
+        """θ (with whatever weights are loaded, e.g. the EMA swapped in) in model.dtype as a diffusers transformer
+        folder, `directory/transformer` (`FluxTransformer2DModel` / `QwenImageTransformer2DModel.from_pretrained`),
+        sharded with an index past `max_shard_size`. FSDP2 shards are gathered one tensor at a time as their file is
+        written, so no rank ever holds the whole model: a collective, every rank calls this and only the one with
+        `write` writes."""
+        from nftcore.models.checkpoint_io import save_pretrained
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.model, options=options) if _sharded(self.model) else dict(
-            self.model.named_parameters())
-        if state:
-            self.model.save_pretrained(directory / "transformer", params=state)
+        _reshard(self.model)
+        save_pretrained(self.model, directory / "transformer", max_shard_size=max_shard_size, dtype=self.compute_dtype,
+                        write=write)
 
 
-def _sharded(model: nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
+def _checkpointing(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    if cfg.model.gradient_checkpointing:
+        model.set_activation_checkpointing(True)
+    return model
 
 
 def _reshard(model: nn.Module) -> None:
@@ -445,8 +492,8 @@ def _reshard(model: nn.Module) -> None:
 
 def build_weights(family: PolicyFamily, cfg: TrainConfig, generator: torch.Generator,
                   kind: str | None = None) -> LoRAWeights | FullWeights:
-    """'lora' or 'full': `kind`, else `model.finetune` once the config has that key, else LoRA."""
-    kind = kind or getattr(cfg.model, "finetune", "lora")
+    """`model.finetune` ('lora' or 'full'), or `kind` when given. Call `place(env, cfg)` next (sharding)."""
+    kind = kind or cfg.model.finetune
     if kind not in ("lora", "full"):
         raise ValueError(f"finetune must be 'lora' or 'full', got {kind!r}")
     return FullWeights(family, cfg, generator) if kind == "full" else LoRAWeights(family, cfg, generator)

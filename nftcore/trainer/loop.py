@@ -28,6 +28,7 @@ skips the step (counted); `max_nan_steps` in a row stop the run. After the epoch
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
@@ -56,7 +57,6 @@ from nftcore.trainer.distributed import (
     barrier,
     init_distributed,
     loss_scale_for_reduction,
-    shard_transformer,
     weights_held,
 )
 from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights, judge_is_sharded
@@ -119,8 +119,8 @@ class Trainer:
     """Owns the model, optimizer, EMA, prompt ban and counters of one run; `train()` runs it to the end.
 
     `family` / `reward_fn` / `loss_fn` default to what the config names; tests pass their own (e.g. a reward that
-    fails, a loss that returns NaN). `finetune` = 'lora' (default) or 'full' (see `family.FullWeights`) until the
-    config grows a `model.finetune` key.
+    fails, a loss that returns NaN). `finetune` ('lora' or 'full'), when given, overrides `model.finetune` (and is
+    what the run's config.toml then records).
     """
 
     fuse_old_and_ref = True
@@ -130,8 +130,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, env: DistEnv | None = None, family: PolicyFamily | None = None,
                  reward_fn: Callable | None = None, loss_fn: Callable = nft_loss, max_nan_steps: int = MAX_NAN_STEPS,
                  echo: bool = True, finetune: str | None = None):
+        if finetune is not None:
+            cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, finetune=finetune))
         self.cfg = cfg
         self.env = env or init_distributed(cfg)
+        cfg.check_world_size(self.env.world_size)
         self.plan = batch_plan(cfg, self.env.world_size)
         if cfg.parallel.shard_text_encoder and self.env.world_size > 1 and cfg.model.family == "demo":
             raise UnsupportedConfigError("parallel.shard_text_encoder=true: the demo's text encoder is part of its "
@@ -145,11 +148,8 @@ class Trainer:
         self.score_in_step = judge_is_sharded(cfg, self.env)
         self.loss_fn, self.max_nan_steps = loss_fn, max_nan_steps
         self.model = self.family.transformer
-        self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"), finetune)
-        for model in self.weights.models():
-            if cfg.model.gradient_checkpointing:
-                model.set_activation_checkpointing(True)
-            shard_transformer(model, self.env, cfg)
+        self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"))
+        self.weights.place(self.env, cfg)  # activation checkpointing, FSDP2, full fine-tuning's fp32 masters
         self.params = self.weights.trainable()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
@@ -225,10 +225,20 @@ class Trainer:
 
     def autocast(self):
         """bf16 autocast of the forwards on CUDA when optim.mixed_precision = 'bf16' (the reference's setting); a
-        no-op on CPU, where the demo and the tests run in fp32."""
-        if self.cfg.optim.mixed_precision == "bf16" and self.env.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        no-op on CPU, where the demo and the tests run in fp32. Full fine-tuning of an unsharded model in a low
+        model.dtype autocasts to it on any device: the fp32 masters then compute as the bf16 model would (FSDP2's
+        MixedPrecisionPolicy does that when sharded)."""
+        dtype = self._unsharded_compute_dtype()
+        if dtype is None and self.cfg.optim.mixed_precision == "bf16" and self.env.device.type == "cuda":
+            dtype = torch.bfloat16
+        return torch.autocast(self.env.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def _unsharded_compute_dtype(self) -> torch.dtype | None:
+        weights = self.weights
+        sharded = self.env.world_size > 1 and self.cfg.parallel.shard_transformer
+        if weights.kind != "full" or sharded or weights.compute_dtype == weights.master_dtype:
+            return None
+        return weights.compute_dtype
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_requested = True
@@ -696,12 +706,15 @@ class Trainer:
 
     def _export_lora(self, path: Path) -> None:
         """EMA weights as PEFT and diffusers LoRA files (lora_ema/), or a diffusers transformer folder for full
-        fine-tuning (ema/transformer/). Gathering sharded weights is a collective, so every rank exports; ranks other
-        than 0 write to a scratch folder that is removed."""
+        fine-tuning (ema/transformer/, in model.dtype). Gathering sharded weights is a collective, so every rank
+        exports; for LoRA, ranks other than 0 write to a scratch folder that is removed."""
         import shutil
 
-        name = "lora_ema" if self.weights.kind == "lora" else "ema"
-        out = path / name if self.env.is_main else path / f".scratch-rank{self.env.rank}"
+        if self.weights.kind == "full":  # streamed: only rank 0 writes, the others join the gathers
+            with self.ema.swapped(self.weights.state("default")):
+                self.weights.export(path / "ema", write=self.env.is_main)
+            return
+        out = path / "lora_ema" if self.env.is_main else path / f".scratch-rank{self.env.rank}"
         with self.ema.swapped(self.weights.state("default")):
             self.weights.export(out)
         if not self.env.is_main:

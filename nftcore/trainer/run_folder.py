@@ -23,7 +23,7 @@ checkpoint's config.toml. Refused, each named with old → new, because the save
 depend on them (a changed LoRA shape would otherwise be a DCP traceback; a changed alpha, seed or objective a silent
 change of experiment):
 
-    model.*              family, base weights (path), their dtype
+    model.*              family, base weights (path), their dtype, LoRA or full fine-tuning (finetune)
     lora.*               rank, alpha, init, include_mlp: the adapters' shapes and scale
     sampling.*           K, G, ODE steps, solver, resolution, guidance
     nft.*                the objective, the advantages, the old-policy and EMA schedules
@@ -32,7 +32,7 @@ change of experiment):
     optim.*              steps per epoch, AdamW's betas/eps/weight decay, clipping, mixed precision
     data.*               the dataset and how groups are keyed
     run.seed             every random draw
-    LoRA vs full fine-tuning (trainer.json)
+    LoRA vs full fine-tuning (also trainer.json's record, for checkpoints older than model.finetune)
     any section not listed here (a new one is refused until someone decides)
 
 Allowed, and each change logged:
