@@ -283,3 +283,19 @@ def test_mixed_devices():
     meta = q.to("meta")  # any second device works: the check runs before any compute
     with pytest.raises(ValueError, match="one device"):
         attention(q, meta, meta)
+
+
+def test_eager_carrier_equals_the_custom_op_bitwise():
+    """Eager calls with grad run the op's body under a plain autograd.Function (its registered setup and backward):
+    outputs and gradients are the custom op's, bit for bit, with a mask and RoPE."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 9, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    cos, sin = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    grad = torch.randn(2, 9, 2, 8, generator=g)
+    out = attention(q, k, v, key_padding_mask=mask, rope=(cos, sin))
+    via_eager = [out, *torch.autograd.grad(out, (q, k, v), grad)]
+    out_op, _ = attn_mod._attention_op(q, k, v, mask, cos, sin, 8 ** -0.5, False)
+    via_op = [out_op, *torch.autograd.grad(out_op, (q, k, v), grad)]
+    for a, b in zip(via_eager, via_op):
+        assert torch.equal(a, b)

@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from nftcore import ops
 from nftcore.ops import dispatch as dispatch_module
 from nftcore.ops.dispatch import Backend, dispatch, env_flag, last_backend, select_backend
 
@@ -134,3 +135,21 @@ def test_importing_ops_stays_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_no_grad_calls_skip_the_custom_op_only_for_plain_eager_tensors():
+    """Without grad an op runs its backend directly (same kernel, same result as through the custom op); with grad,
+    or with a FakeTensor (shape inference, tracing), it goes through the custom op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from nftcore.ops.eager import call_directly
+
+    q, k, v = (torch.randn(2, 7, 2, 8) for _ in range(3))
+    with torch.no_grad():
+        assert call_directly(q, None, torch.nn.Parameter(k))
+        direct = ops.attention(q, k, v)
+    assert not call_directly(q)
+    through_op = ops.attention(q.requires_grad_(), k, v)
+    assert torch.equal(direct, through_op.detach())
+    with FakeTensorMode() as mode, torch.no_grad():
+        assert not call_directly(mode.from_tensor(q))

@@ -29,6 +29,7 @@ from nftcore.models.lora import (
     apply_lora,
     copy_adapter_,
     count_parameters,
+    lora_layers,
     merge_adapter,
     set_active_adapter,
     set_trainable_adapter,
@@ -433,9 +434,9 @@ def test_adapter_on_the_leading_rows_gives_adapted_then_base_rows(toys, grad):
     _randomize(f, "old", seed=5)
     rows = x[0].shape[0]
     doubled = [torch.cat([t, t]) if torch.is_tensor(t) and t.shape[:1] == (rows,) else t for t in x]
-    with torch.no_grad(), using_adapter(f, "old"):
+    with torch.set_grad_enabled(grad), using_adapter(f, "old"):  # same grad mode: merged (no grad) or not
         adapted = f(*x)
-    with torch.no_grad(), adapters_disabled(f):
+    with torch.set_grad_enabled(grad), adapters_disabled(f):
         base = f(*x)
     with torch.set_grad_enabled(grad), adapter_per_row(f, "old", rows):
         both = f(*doubled)
@@ -694,3 +695,46 @@ def test_mmdit_default_targets_are_edit_r1s(tmp_path):
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter_state(model, "default")})
     assert len(modules) == 8 * 1 + 3 * 1
     assert not any("proj_mlp" in m or "proj_out" in m or ".ff" in m for m in modules)
+
+
+def _max_rel(out, ref) -> float:
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, refs))
+
+
+def test_no_grad_forward_on_the_merged_weight_is_as_accurate_as_the_lora_branch(toys):
+    """Without grad an fp32 layer runs on W + scale·BA built per call (cheaper than the branch's thin GEMMs over many
+    tokens). Its error against fp64 stays within 2x the branch's own plus a few ulps (the branch adds two roundings
+    per layer, the merged weight one), fused segments and split inputs alike; with grad the branch runs."""
+    _, f, x = toys
+    apply_lora(f, rank=R, alpha=ALPHA, include_mlp=True)
+    _randomize(f, "old", seed=5)
+    exact = copy.deepcopy(f).double()
+    with torch.no_grad(), using_adapter(exact, "old"):
+        ref = exact(*[t.double() for t in x])
+    layer = next(iter(lora_layers(f).values()))
+    with using_adapter(f, "old"):
+        with torch.no_grad():
+            assert layer._merge_pays(x[0], "old")
+            merged = f(*x)
+        assert not layer._merge_pays(x[0], "old")  # grad on: the branch, no [out, in] weight gradient
+        branch = f(*x)
+    eps = torch.finfo(torch.float32).eps
+    assert _max_rel(merged, ref) <= 2 * _max_rel(branch, ref) + 4 * eps
+    with torch.no_grad():  # nothing was written into the base weight
+        exact.float()
+        for (name, a), b in zip(f.named_parameters(), exact.parameters()):
+            assert torch.equal(a, b), name
+
+
+def test_merged_forward_only_for_fp32_and_enough_tokens():
+    """bf16 weights keep the branch (a bf16 merged weight would round the small update against W); so does a call
+    with too few tokens to pay for building the weight."""
+    layer = LoRALinear.from_linear(nn.Linear(64, 64), where="x")
+    layer.add_adapter("old", rank=16, alpha=16.0)
+    layer.active_adapter = "old"
+    with torch.no_grad():
+        assert layer._merge_pays(torch.randn(4, 256, 64), "old")
+        assert not layer._merge_pays(torch.randn(1, 2, 64), "old")
+        layer.to(torch.bfloat16)
+        assert not layer._merge_pays(torch.randn(4, 256, 64, dtype=torch.bfloat16), "old")

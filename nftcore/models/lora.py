@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -116,12 +117,14 @@ class LoRALinear(nn.Linear):
 
     def __init__(self, linear: nn.Linear, segments: Sequence[tuple[str, slice]] | None = None, *, where: str = ""):
         nn.Module.__init__(self)  # not nn.Linear.__init__: the weight is shared, not allocated
+        _bump_generation()  # a model holding this layer from now on must be walked again
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         if segments is None:
             segments = [(where, slice(0, self.out_features))]
         self.segments = _normalize_segments(segments, self.out_features, where or "LoRALinear")
+        self._adapted_width = sum(seg.size for seg in self.segments)  # output rows with an adapter
         self.lora_A = nn.ModuleDict()  # adapter → ParameterList of A_s [r, in]
         self.lora_B = nn.ModuleDict()  # adapter → ParameterList of B_s [out_s, r]
         self.rank: dict[str, int] = {}
@@ -225,8 +228,10 @@ class LoRALinear(nn.Linear):
         return torch.cat([y[..., a:b] if s is None else y[..., a:b] + deltas[a] for a, b, s in self._runs], dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         name = self._adapter_in_use()
+        if name is not None and self._merge_pays(x, name):
+            return self._updated_merged(x, name, lambda w, rows: F.linear(rows, w, self.bias))
+        y = F.linear(x, self.weight, self.bias)
         if name is None:
             return y
         a = self._cat_a(name)
@@ -258,8 +263,11 @@ class LoRALinear(nn.Linear):
         widths = [p.shape[-1] for p in parts]
         if sum(widths) != self.in_features:
             raise ValueError(f"input parts of widths {widths} do not add up to in_features {self.in_features}")
-        y = _split_input_linear(parts, self.weight.split(widths, dim=1), self.bias)
         name = self._adapter_in_use()
+        if name is not None and self._merge_pays(parts[0], name):
+            return self._updated_merged(
+                parts, name, lambda w, rows: _split_input_linear(rows, w.split(widths, dim=1), self.bias))
+        y = _split_input_linear(parts, self.weight.split(widths, dim=1), self.bias)
         if name is None:
             return y
         a = self._cat_a(name)
@@ -270,6 +278,50 @@ class LoRALinear(nn.Linear):
                 name)
 
         return self._updated(y, k, h, name)
+
+    # ------------------------------------------------------------------------------- merged no-grad forward
+
+    def _merge_pays(self, x: torch.Tensor, name: str) -> bool:
+        """Whether a no-grad forward should run on W + scale·BA built on the fly instead of adding the LoRA branch.
+
+        Only without grad (rollouts, the θ_old pass, evaluation): with grad the merged weight would need a full
+        [out, in] weight gradient. Only for fp32 weights outside autocast: the merged weight is rounded once in
+        fp32, as accurate as the unmerged sum, where a bf16 copy would round the small update against the weight.
+        Then it pays when the branch's GEMMs over the tokens cost more than building the weight once per call:
+        tokens·r·(S·in + out_lora) > r·in·out_lora + in·out (the branch's two thin GEMMs are also slow per FLOP)."""
+        if torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+            return False
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+        rank, adapted = self.rank[name], self._adapted_width
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if self.adapted_rows is not None:
+            tokens = tokens // max(x.shape[0], 1) * self.adapted_rows
+        branch = tokens * rank * (len(self.segments) * self.in_features + adapted)
+        if branch <= rank * self.in_features * adapted + self.in_features * self.out_features:
+            return False
+        a_list, b_list = self.lora_A[name], self.lora_B[name]
+        return a_list[0].dtype == torch.float32 and b_list[0].dtype == torch.float32
+
+    def _merged_weight(self, name: str) -> torch.Tensor:
+        """W with each segment's rows plus scale · B_s A_s (one addmm per segment, nothing written to W)."""
+        scale = self.scale(name)
+        a_list, b_list = self.lora_A[name], self.lora_B[name]
+        rows = [self.weight[a:b] if s is None else torch.addmm(self.weight[a:b], b_list[s], a_list[s], alpha=scale)
+                for a, b, s in self._runs]
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+    def _updated_merged(self, x, name: str, linear):
+        """`linear(merged weight, x)` on the adapted leading rows, `linear(W, x)` on the rest (adapter_per_row).
+        `x` is one tensor or a list of input column blocks (forward_split_input)."""
+        first = x[0] if isinstance(x, (list, tuple)) else x
+        k = self._leading_rows(first)
+        merged = self._merged_weight(name)
+        if k == first.shape[0]:
+            return linear(merged, x)
+        head = [p[:k] for p in x] if isinstance(x, (list, tuple)) else x[:k]
+        tail = [p[k:] for p in x] if isinstance(x, (list, tuple)) else x[k:]
+        return torch.cat([linear(merged, head), linear(self.weight, tail)])
 
     # ------------------------------------------------------------------------------------------------ merging
 
@@ -326,9 +378,25 @@ def split_input_linear(linear: nn.Linear, parts: Sequence[torch.Tensor]) -> torc
 # ------------------------------------------------------------------------------------------------ model level
 
 
+# Module walks are cached per model: adapter switches run around every sampler step, and walking a transformer's
+# modules each time cost more than the LoRA GEMMs of a small model. The only way nftcore changes which LoRALinears a
+# model holds is creating them (`apply_lora`), which bumps the generation and so invalidates every entry.
+_layer_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_generation = 0
+
+
+def _bump_generation() -> None:
+    global _generation
+    _generation += 1
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    """Every LoRALinear by module path, in module order."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """Every LoRALinear by module path, in module order (a new dict; the walk itself is cached)."""
+    cached = _layer_cache.get(model)
+    if cached is None or cached[0] != _generation:
+        cached = (_generation, {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)})
+        _layer_cache[model] = cached
+    return dict(cached[1])
 
 
 def _layers_or_raise(model: nn.Module) -> dict[str, LoRALinear]:
@@ -479,6 +547,7 @@ def apply_lora(
         parent_path, _, child = path.rpartition(".")
         setattr(modules[parent_path] if parent_path else model, child, layer)
         wrapped[path] = layer
+    _bump_generation()  # the new layers are in place: walk the model again
 
     for layer in wrapped.values():
         for name in names:

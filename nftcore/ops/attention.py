@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .dispatch import Backend, dispatch, record_fallback
+from .eager import call_directly, eager, eager_autograd
 
 OP = "attention"
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -267,8 +268,12 @@ def _attention_op(
     scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = dispatch(OP, q.device, _FORWARD_IMPLS)
-    return impl(q, k, v, mask, cos, sin, scale, deterministic)
+    return _attention_forward(q, k, v, mask, cos, sin, scale, deterministic)
+
+
+def _attention_forward(q, k, v, mask, cos, sin, scale, deterministic):
+    """The op's body: (out, lse) from the backend dispatch picks."""
+    return dispatch(OP, q.device, _FORWARD_IMPLS)(q, k, v, mask, cos, sin, scale, deterministic)
 
 
 @_attention_op.register_fake
@@ -332,6 +337,7 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+_AttentionEager = eager_autograd("AttentionEager", _attention_forward, _setup_context, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -424,5 +430,11 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cos, sin = (None, None) if rope is None else (rope[0].detach(), rope[1].detach())
     mask = None if key_padding_mask is None else key_padding_mask.detach()
-    out, _lse = _attention_op(q, k, v, mask, cos, sin, scale, bool(deterministic))
+    args = (q, k, v, mask, cos, sin, scale, bool(deterministic))
+    if call_directly(q, k, v, mask, cos, sin):
+        out, _lse = _attention_forward(*args)
+    elif eager(q, k, v, mask, cos, sin):
+        out, _lse = _AttentionEager.apply(*args)
+    else:
+        out, _lse = _attention_op(*args)
     return out
