@@ -19,6 +19,17 @@
 #include <cstring>
 #include <limits>
 
+// Hot row loops (block_ops.cpp, rms_norm.cpp) are compiled for the baseline and, with GCC on x86-64 Linux, also for
+// AVX2 and AVX-512F; the loader picks the widest the CPU has (an ifunc, resolved once). Same source, same operation
+// order, no FMA (-ffp-contract=off holds in every clone), fixed kLanes accumulators: every clone gives the same bits,
+// only the vector width differs - 16-bit loads/stores are where it pays (SSE2 has no 32 -> 16 bit pack).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__) && \
+    !defined(NFTCORE_NO_CLONES)
+#define NFTCORE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define NFTCORE_CLONES
+#endif
+
 namespace nftcore_native {
 
 // Accumulator lanes: 16 fp32 = one AVX-512 register, two AVX2 or four SSE2 ones. Fixed, so sums do not depend on the
@@ -72,7 +83,7 @@ inline const typename Elem<T>::storage* cdata(const at::Tensor& t) {
 }
 
 template <typename T>
-inline typename Elem<T>::storage* mdata(at::Tensor& t) {
+inline typename Elem<T>::storage* mdata(const at::Tensor& t) {  // the handle is const, the data is not
   return reinterpret_cast<typename Elem<T>::storage*>(t.mutable_data_ptr());
 }
 

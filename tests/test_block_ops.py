@@ -35,6 +35,11 @@ SHAPES = [(2, 37, 48), (1, 1, 7), (3, 5, 256), (1, 19, 2)]
 # The eager computations of diffusers (in the input dtype) whose error sets the tolerance.
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.setenv("NFTCORE_DISABLE_NATIVE", "1")  # this file tests the references; native: test_block_ops_native
+
+
 def adaln_eager(x, scale, shift, eps=EPS):
     return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale[:, None]) + shift[:, None]
 

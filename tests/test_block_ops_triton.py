@@ -189,6 +189,7 @@ def test_fp64_and_disable_take_the_reference(force_triton, monkeypatch):
     assert last_backend("rms_norm") is Backend.REFERENCE
     monkeypatch.delenv(FORCE_TRITON, raising=False)
     monkeypatch.setenv("NFTCORE_DISABLE_TRITON", "1")
+    monkeypatch.setenv("NFTCORE_DISABLE_NATIVE", "1")
     ops.adaln(x.float(), scale.float(), shift.float())
     assert last_backend("adaln") is Backend.REFERENCE
 

@@ -15,6 +15,10 @@ every block. Each op is a pair of `torch.library.custom_op`s (forward, backward)
 - Triton (`kernels/adaln.py`) on CUDA, or on CPU with `NFTCORE_FORCE_TRITON=1` under `TRITON_INTERPRET=1`: one pass
   forward (x, y read once; h, out written once) and one pass backward per op (fp32 math, inputs upcast at the load);
   the [B, C] gradients are per-program fp32 partial sums reduced by one `sum` (deterministic, no atomics).
+- native C++ (`csrc/block_ops.cpp`) for CPU tensors when `nftcore._C` is built (the default on CPU): one pass per row
+  forward and backward, the same formulas as the Triton kernels, fp32 math, rows spread over ATen's threads; the
+  [B, C] gradients are per-piece fp32 sums added in index order (bit-identical for any thread count). fp64 inputs
+  (any of them) and empty ones go to the reference, recorded by `dispatch.record_fallback`.
 - the reference otherwise (and for fp64 and empty inputs): aten's fused LayerNorm kernels. Forward: one sample, or
   fp16/bf16 - `native_layer_norm(x[b], weight=1 + scale[b], bias=shift[b])` per sample (the modulation as its fp32
   affine, one pass, one rounding); fp32/fp64 batches - one batched LayerNorm and the modulation in place (one
@@ -33,12 +37,12 @@ backward (x is the block input, kept anyway; h itself is then free once the next
 `gated_residual` keeps y only when gate needs a gradient and gate only when y does (frozen-modulation LoRA training
 keeps neither big tensor).
 
-Native CPU kernels (`nftcore._C`, namespace `nftcore_native`) plug in with one entry per `impls` mapping below, e.g.
-`Backend.NATIVE: _native_adaln_forward_impl` returning `nftcore._native.op("adaln_forward")` (the loader pattern of
-`nft_loss.py`); `_impls_for` already keeps fp64 and empty inputs on the reference. Each impl is called with exactly
-the arguments below, so a kernel with these signatures drops in unchanged. Inputs arrive as the model makes them,
-possibly non-contiguous (x a token slice of the joint stream, scale/shift/gate chunk views of one [B, 6C] output with
-batch stride 6C, stride-0 expanded gradients from `.sum().backward()`): the kernel reads the strides or copies.
+The native CPU kernels (`nftcore._C`, namespace `nftcore_native`) are the `Backend.NATIVE` entry of each `impls`
+mapping below (`_native_impl`, the loader pattern of `nft_loss.py`); `_impls_for` keeps fp64 and empty x on the
+reference. Each impl - every backend's - is called with exactly the arguments below. Inputs arrive as the model
+makes them, possibly non-contiguous (x a token slice of the joint stream, scale/shift/gate chunk views of one [B, 6C]
+output with batch stride 6C, stride-0 expanded gradients from `.sum().backward()`): the kernel reads the strides or
+copies.
 x, y, out, h, dx, dy: [B, N, C] in x's dtype (fp32/bf16/fp16); scale, shift, gate, dscale, dshift, dgate: [B, C], any
 float dtype (gradients in their input's dtype); mean, rstd: [B, N] contiguous fp32; outputs are contiguous and never
 alias an input or each other; an output whose mask entry is False is returned as an empty tensor of shape [0]:
@@ -72,6 +76,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .dispatch import Backend, dispatch, record_fallback
+from .eager import BackwardOp, ForwardOp
 from .reference import compute_dtype
 
 ADALN, GATED_RESIDUAL, GATED_ADALN = "adaln", "gated_residual", "gated_adaln"
@@ -321,18 +326,58 @@ def _triton_gated_residual_backward():
     return impl
 
 
-# One entry per backend; a native backend adds `Backend.NATIVE: lambda: torch.ops.nftcore_native.<name>` (see the
-# module docstring for the signatures).
-ADALN_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_forward_ref, Backend.TRITON: _triton_adaln_forward}
-ADALN_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_backward_ref, Backend.TRITON: _triton_adaln_backward}
-GATED_ADALN_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _gated_adaln_forward_ref,
-                             Backend.TRITON: _triton_gated_adaln_forward}
-GATED_ADALN_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _gated_adaln_backward_ref,
-                              Backend.TRITON: _triton_gated_adaln_backward}
-GATED_RESIDUAL_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _gated_residual_forward_ref,
-                                Backend.TRITON: _triton_gated_residual_forward}
-GATED_RESIDUAL_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _gated_residual_backward_ref,
-                                 Backend.TRITON: _triton_gated_residual_backward}
+# ----------------------------------------------------------------------------------------------------------------
+# Native CPU backend (csrc/block_ops.cpp; the module is loaded by the dispatcher before these loaders run).
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_covers(x: torch.Tensor, args) -> bool:
+    """What the kernels take: x fp32/bf16/fp16 and non-empty, and no fp64 tensor among the arguments (the reference
+    computes e.g. x + gate·y in fp64 for an fp64 gate: the kernels' fp32 would lower that precision)."""
+    return (x.dtype in _NATIVE_DTYPES and x.numel() > 0
+            and not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args))
+
+
+def _native_impl(kernel_name: str, op: str, reference, x_index: int):
+    """Loader of `torch.ops.nftcore_native.<kernel_name>`, called with the impl's arguments (its signature is the
+    module docstring's); inputs it does not take go to `reference`, recorded as a fallback of `op`. `x_index`: the
+    position of x (or grad) in the arguments."""
+
+    def load():
+        from nftcore._native import op as native_op
+
+        kernel = native_op(kernel_name)
+
+        def impl(*args):
+            if not _native_covers(args[x_index], args):
+                record_fallback(op)
+                return reference(*args)
+            return kernel(*args)
+
+        return impl
+
+    return load
+
+
+# One entry per backend (see the module docstring for the signatures).
+ADALN_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_forward_ref, Backend.TRITON: _triton_adaln_forward,
+                       Backend.NATIVE: _native_impl("adaln_forward", ADALN, _adaln_forward_ref, 0)}
+ADALN_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_backward_ref, Backend.TRITON: _triton_adaln_backward,
+                        Backend.NATIVE: _native_impl("adaln_backward", ADALN + "_backward", _adaln_backward_ref, 1)}
+GATED_ADALN_FORWARD_IMPLS = {
+    Backend.REFERENCE: lambda: _gated_adaln_forward_ref, Backend.TRITON: _triton_gated_adaln_forward,
+    Backend.NATIVE: _native_impl("gated_adaln_forward", GATED_ADALN, _gated_adaln_forward_ref, 0)}
+GATED_ADALN_BACKWARD_IMPLS = {
+    Backend.REFERENCE: lambda: _gated_adaln_backward_ref, Backend.TRITON: _triton_gated_adaln_backward,
+    Backend.NATIVE: _native_impl("gated_adaln_backward", GATED_ADALN + "_backward", _gated_adaln_backward_ref, 2)}
+GATED_RESIDUAL_FORWARD_IMPLS = {
+    Backend.REFERENCE: lambda: _gated_residual_forward_ref, Backend.TRITON: _triton_gated_residual_forward,
+    Backend.NATIVE: _native_impl("gated_residual_forward", GATED_RESIDUAL, _gated_residual_forward_ref, 0)}
+GATED_RESIDUAL_BACKWARD_IMPLS = {
+    Backend.REFERENCE: lambda: _gated_residual_backward_ref, Backend.TRITON: _triton_gated_residual_backward,
+    Backend.NATIVE: _native_impl("gated_residual_backward", GATED_RESIDUAL + "_backward",
+                                 _gated_residual_backward_ref, 0)}
 
 
 def _impls_for(impls, x: torch.Tensor):
@@ -358,8 +403,11 @@ def _fake_like(x, want: bool) -> torch.Tensor:
 @torch.library.custom_op("nftcore::adaln", mutates_args=())
 def _adaln_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
               eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = dispatch(ADALN, x.device, _impls_for(ADALN_FORWARD_IMPLS, x))
-    return impl(x, scale, shift, eps)
+    return _adaln_forward(x, scale, shift, eps)
+
+
+def _adaln_forward(x, scale, shift, eps):
+    return dispatch(ADALN, x.device, _impls_for(ADALN_FORWARD_IMPLS, x))(x, scale, shift, eps)
 
 
 @_adaln_op.register_fake
@@ -370,6 +418,10 @@ def _(x, scale, shift, eps):
 @torch.library.custom_op("nftcore::adaln_backward", mutates_args=())
 def _adaln_backward_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
                        rstd: torch.Tensor, output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _adaln_backward_body(grad_out, x, scale, mean, rstd, output_mask)
+
+
+def _adaln_backward_body(grad_out, x, scale, mean, rstd, output_mask):
     impl = dispatch(ADALN + "_backward", x.device, _impls_for(ADALN_BACKWARD_IMPLS, x))
     return impl(grad_out, x, scale, mean, rstd, tuple(output_mask))
 
@@ -393,19 +445,24 @@ def _adaln_backward(ctx, grad_out, _grad_mean, _grad_rstd):
     mask = list(ctx.needs_input_grad[:3])
     if grad_out is None or not any(mask):
         return None, None, None, None
-    dx, dscale, dshift = _adaln_backward_op(grad_out, x, scale, mean, rstd, mask)
+    dx, dscale, dshift = _ADALN_BACKWARD(grad_out, x, scale, mean, rstd, mask, tensors=(grad_out, x, scale, mean, rstd))
     return (dx if mask[0] else None, dscale if mask[1] else None, dshift if mask[2] else None,
             None)  # eps: a Python float
 
 
 _adaln_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+_ADALN = ForwardOp("AdaLNFunction", _adaln_op, _adaln_forward, _adaln_setup, _adaln_backward)
+_ADALN_BACKWARD = BackwardOp(_adaln_backward_op, _adaln_backward_body)
 
 
 @torch.library.custom_op("nftcore::gated_adaln", mutates_args=())
 def _gated_adaln_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = dispatch(GATED_ADALN, x.device, _impls_for(GATED_ADALN_FORWARD_IMPLS, x))
-    return impl(x, gate, y, scale, shift, eps)
+    return _gated_adaln_forward(x, gate, y, scale, shift, eps)
+
+
+def _gated_adaln_forward(x, gate, y, scale, shift, eps):
+    return dispatch(GATED_ADALN, x.device, _impls_for(GATED_ADALN_FORWARD_IMPLS, x))(x, gate, y, scale, shift, eps)
 
 
 @_gated_adaln_op.register_fake
@@ -419,6 +476,10 @@ def _gated_adaln_backward_op(
     grad_h: torch.Tensor | None, grad_out: torch.Tensor | None, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor,
     scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _gated_adaln_backward_body(grad_h, grad_out, x, gate, y, scale, mean, rstd, output_mask)
+
+
+def _gated_adaln_backward_body(grad_h, grad_out, x, gate, y, scale, mean, rstd, output_mask):
     impl = dispatch(GATED_ADALN + "_backward", x.device, _impls_for(GATED_ADALN_BACKWARD_IMPLS, x))
     return impl(grad_h, grad_out, x, gate, y, scale, mean, rstd, tuple(output_mask))
 
@@ -443,17 +504,24 @@ def _gated_adaln_backward(ctx, grad_h, grad_out, _grad_mean, _grad_rstd):
     mask = list(ctx.needs_input_grad[:5])  # x, gate, y, scale, shift
     if (grad_h is None and grad_out is None) or not any(mask):
         return (None,) * 6
-    grads = _gated_adaln_backward_op(grad_h, grad_out, x, gate, y, scale, mean, rstd, mask)
+    grads = _GATED_ADALN_BACKWARD(grad_h, grad_out, x, gate, y, scale, mean, rstd, mask,
+                                  tensors=(grad_h, grad_out, x, gate, y, scale, mean, rstd))
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)  # eps: a Python float
 
 
 _gated_adaln_op.register_autograd(_gated_adaln_backward, setup_context=_gated_adaln_setup)
+_GATED_ADALN = ForwardOp("GatedAdaLNFunction", _gated_adaln_op, _gated_adaln_forward, _gated_adaln_setup,
+                         _gated_adaln_backward)
+_GATED_ADALN_BACKWARD = BackwardOp(_gated_adaln_backward_op, _gated_adaln_backward_body)
 
 
 @torch.library.custom_op("nftcore::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    impl = dispatch(GATED_RESIDUAL, x.device, _impls_for(GATED_RESIDUAL_FORWARD_IMPLS, x))
-    return impl(x, gate, y)
+    return _gated_residual_forward(x, gate, y)
+
+
+def _gated_residual_forward(x, gate, y):
+    return dispatch(GATED_RESIDUAL, x.device, _impls_for(GATED_RESIDUAL_FORWARD_IMPLS, x))(x, gate, y)
 
 
 @_gated_residual_op.register_fake
@@ -464,6 +532,10 @@ def _(x, gate, y):
 @torch.library.custom_op("nftcore::gated_residual_backward", mutates_args=())
 def _gated_residual_backward_op(grad: torch.Tensor, gate: torch.Tensor | None, y: torch.Tensor | None,
                                 output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _gated_residual_backward_body(grad, gate, y, output_mask)
+
+
+def _gated_residual_backward_body(grad, gate, y, output_mask):
     impl = dispatch(GATED_RESIDUAL + "_backward", grad.device, _impls_for(GATED_RESIDUAL_BACKWARD_IMPLS, grad))
     return impl(grad, gate, y, tuple(output_mask))
 
@@ -493,11 +565,14 @@ def _gated_residual_backward(ctx, grad):
         return None, None, None
     dgate = dy = None
     if want_dgate or want_dy:
-        dgate, dy = _gated_residual_backward_op(grad, gate, y, [want_dgate, want_dy])
+        dgate, dy = _GATED_RESIDUAL_BACKWARD(grad, gate, y, [want_dgate, want_dy], tensors=(grad, gate, y))
     return (grad if want_dx else None, dgate if want_dgate else None, dy if want_dy else None)
 
 
 _gated_residual_op.register_autograd(_gated_residual_backward, setup_context=_gated_residual_setup)
+_GATED_RESIDUAL = ForwardOp("GatedResidualFunction", _gated_residual_op, _gated_residual_forward,
+                            _gated_residual_setup, _gated_residual_backward)
+_GATED_RESIDUAL_BACKWARD = BackwardOp(_gated_residual_backward_op, _gated_residual_backward_body)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -549,7 +624,7 @@ def adaln(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float 
     _check_stream(ADALN, x)
     _check_vectors(ADALN, x, scale=scale, shift=shift)
     checks.check_same_device(ADALN, x=x, scale=scale, shift=shift)
-    out, _mean, _rstd = _adaln_op(x, scale, shift, _check_eps(ADALN, eps))
+    out, _mean, _rstd = _ADALN(x, scale, shift, _check_eps(ADALN, eps), tensors=(x, scale, shift))
     return out
 
 
@@ -566,7 +641,7 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     _check_y(GATED_RESIDUAL, x, y)
     _check_vectors(GATED_RESIDUAL, x, gate=gate)
     checks.check_same_device(GATED_RESIDUAL, x=x, gate=gate, y=y)
-    return _gated_residual_op(x, gate, y)
+    return _GATED_RESIDUAL(x, gate, y, tensors=(x, gate, y))
 
 
 def gated_adaln(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
@@ -580,5 +655,6 @@ def gated_adaln(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, scale: tor
     _check_y(GATED_ADALN, x, y)
     _check_vectors(GATED_ADALN, x, gate=gate, scale=scale, shift=shift)
     checks.check_same_device(GATED_ADALN, x=x, gate=gate, y=y, scale=scale, shift=shift)
-    h, out, _mean, _rstd = _gated_adaln_op(x, gate, y, scale, shift, _check_eps(GATED_ADALN, eps))
+    h, out, _mean, _rstd = _GATED_ADALN(x, gate, y, scale, shift, _check_eps(GATED_ADALN, eps),
+                                        tensors=(x, gate, y, scale, shift))
     return h, out

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import checks
 from .dispatch import Backend, dispatch, record_fallback
-from .eager import call_directly, eager, eager_autograd
+from .eager import BackwardOp, ForwardOp
 
 OP = "attention"
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -297,6 +297,11 @@ def _attention_backward_op(
     scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_backward(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic)
+
+
+def _attention_backward(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic):
+    """The backward op's body: (dq, dk, dv) from the backend dispatch picks."""
     impl = dispatch(OP + "_backward", q.device, _BACKWARD_IMPLS)
     return impl(grad_out, q, k, v, out, lse, mask, cos, sin, scale, deterministic)
 
@@ -321,9 +326,9 @@ def _backward(ctx, grad_out, _grad_lse):
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     # `.sum().backward()` hands in an expanded, stride-0 gradient; the kernels want real strides.
-    dq, dk, dv = _attention_backward_op(
-        grad_out.contiguous(), q, k, v, out, lse, mask, cos, sin, ctx.scale, ctx.deterministic
-    )
+    grad_out = grad_out.contiguous()
+    dq, dk, dv = _ATTENTION_BACKWARD(grad_out, q, k, v, out, lse, mask, cos, sin, ctx.scale, ctx.deterministic,
+                                     tensors=(grad_out, q, k, v, out, lse, mask, cos, sin))
     return (
         dq,
         dk,
@@ -337,7 +342,8 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
-_AttentionEager = eager_autograd("AttentionEager", _attention_forward, _setup_context, _backward)
+_ATTENTION = ForwardOp("AttentionFunction", _attention_op, _attention_forward, _setup_context, _backward)
+_ATTENTION_BACKWARD = BackwardOp(_attention_backward_op, _attention_backward)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,11 +436,5 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cos, sin = (None, None) if rope is None else (rope[0].detach(), rope[1].detach())
     mask = None if key_padding_mask is None else key_padding_mask.detach()
-    args = (q, k, v, mask, cos, sin, scale, bool(deterministic))
-    if call_directly(q, k, v, mask, cos, sin):
-        out, _lse = _attention_forward(*args)
-    elif eager(q, k, v, mask, cos, sin):
-        out, _lse = _AttentionEager.apply(*args)
-    else:
-        out, _lse = _attention_op(*args)
+    out, _lse = _ATTENTION(q, k, v, mask, cos, sin, scale, bool(deterministic), tensors=(q, k, v, mask, cos, sin))
     return out

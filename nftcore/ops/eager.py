@@ -4,17 +4,18 @@ Python dispatch.
 Every fused op is a `torch.library.custom_op` with a fake implementation and a registered autograd formula: that is
 what torch.compile, FSDP2 and shape inference see. In plain eager mode the custom op's own Python machinery costs
 tens of microseconds per call, and about 0.2 ms per forward + backward, which at a small model's shapes is as much as
-the kernels. So the public functions take a shortcut when nothing needs the op itself:
+the kernels. So each op's public function calls it through a `ForwardOp` (and its formula calls the backward op
+through a `BackwardOp`), which picks the carrier per call:
 
-- `call_directly(...)`: grad off, nothing compiling, plain tensors: call the backend implementation, no autograd;
-- `eager_autograd(forward, setup_context, backward)`: grad on, nothing compiling, plain tensors: a
-  `torch.autograd.Function` whose forward is the custom op's body and whose setup and backward are the very
-  functions registered with the custom op. One formula, two carriers.
+- traced (torch.compile) or non-plain inputs (FakeTensors, other subclasses): the custom op itself;
+- eager without grad: the op's body, i.e. the backend implementation, no autograd;
+- eager with grad: a `torch.autograd.Function` whose forward is the op's body and whose setup and backward are the
+  very functions registered with the custom op. One formula, two carriers; tests check they agree bit for bit.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -34,18 +35,38 @@ def call_directly(*tensors: torch.Tensor | None) -> bool:
     return not torch.is_grad_enabled() and eager(*tensors)
 
 
-def eager_autograd(name: str, forward: Callable, setup_context: Callable,
-                   backward: Callable) -> type[torch.autograd.Function]:
-    """A `torch.autograd.Function` running `forward(*inputs)` (the custom op's body) with the custom op's registered
-    `setup_context(ctx, inputs, output)` and `backward(ctx, *grads)`."""
+class ForwardOp:
+    """A differentiable fused op: `op(*args, tensors=...)` runs `body(*args)` through the carrier the call needs
+    (module docstring). `tensors`: the tensor arguments, checked for plainness."""
 
-    def run_forward(ctx, *inputs):
-        output = forward(*inputs)
-        setup_context(ctx, inputs, output)
-        return output
+    def __init__(self, name: str, custom_op: Callable, body: Callable, setup_context: Callable, backward: Callable):
+        self.custom_op, self.body = custom_op, body
 
-    def run_backward(ctx, *grads):
-        return backward(ctx, *grads)
+        def run_forward(ctx, *inputs):
+            output = body(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
 
-    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
-                                                   "backward": staticmethod(run_backward)})
+        def run_backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+        self.function = type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
+                                                                "backward": staticmethod(run_backward)})
+
+    def __call__(self, *args, tensors: Sequence[torch.Tensor | None]):
+        if not eager(*tensors):
+            return self.custom_op(*args)
+        if not torch.is_grad_enabled():
+            return self.body(*args)
+        return self.function.apply(*args)
+
+
+class BackwardOp:
+    """A fused op's backward (no autograd of its own): `body(*args)` directly when eager without grad (a plain
+    backward pass), the custom op otherwise (traced, or a double backward that records the graph)."""
+
+    def __init__(self, custom_op: Callable, body: Callable):
+        self.custom_op, self.body = custom_op, body
+
+    def __call__(self, *args, tensors: Sequence[torch.Tensor | None]):
+        return self.body(*args) if call_directly(*tensors) else self.custom_op(*args)

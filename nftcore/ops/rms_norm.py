@@ -17,6 +17,10 @@ picks the backend per call:
   pass forward (x read through its strides - q and k are views of the fused QKV projection - y written contiguous),
   one pass backward (the inverse rotation of the incoming gradient, then the RMSNorm backward, in registers; dweight
   from per-program fp32 partial sums, deterministic);
+- native C++ (`csrc/rms_norm.cpp`) for CPU tensors when `nftcore._C` is built (the default on CPU): one pass per row
+  forward and backward (x read through its strides, the rotation in registers), fp32 math; dweight from per-piece
+  fp32 sums added in index order (bit-identical for any thread count). fp64 inputs (any of them) and empty ones go
+  to the reference, recorded by `dispatch.record_fallback`;
 - the reference otherwise (and for fp64 / empty inputs): fp32 math in a few whole-tensor aten ops, RoPE as one
   complex multiply, a closed-form backward that reuses its temporaries in place.
 
@@ -26,14 +30,14 @@ gradient.
 
 Saved for backward: x (a view, no copy), weight, rstd and the tables - never the normalised tensor.
 
-Native CPU kernels (`nftcore._C`, namespace `nftcore_native`) plug in with one entry per `impls` mapping below, e.g.
-`Backend.NATIVE: _native_forward_impl` returning `nftcore._native.op("rms_norm_forward")` (the loader pattern of
-`nft_loss.py`); `_impls_for` already keeps fp64 and empty inputs on the reference, and each impl is called with
-exactly these arguments. Layouts: x [..., D] in fp32/bf16/fp16, possibly non-contiguous (q and k are strided views of
-the fused QKV output, [B, N, H, D] with strides (N·3HD, 3HD, D, 1)) - rank 4 whenever cos/sin are given; grad_y may be
-a strided slice of a joint gradient or stride-0 expanded; weight [D] any float dtype; cos, sin [N, D/2] or
-[B, N, D/2] in any float dtype (the model passes fp32 row slices of its joint table: row stride D/2, not contiguous
-over the batch); outputs contiguous, never aliasing an input; masked-out outputs are empty [0] tensors:
+The native CPU kernels (`nftcore._C`, namespace `nftcore_native`) are the `Backend.NATIVE` entries of the `impls`
+mappings below (`_native_impl`); `_impls_for` keeps fp64 and empty x on the reference, and each impl - every
+backend's - is called with exactly these arguments. Layouts: x [..., D] in fp32/bf16/fp16, possibly non-contiguous
+(q and k are strided views of the fused QKV output, [B, N, H, D] with strides (N·3HD, 3HD, D, 1)) - rank 4 whenever
+cos/sin are given; grad_y may be a strided slice of a joint gradient or stride-0 expanded; weight [D] any float
+dtype; cos, sin [N, D/2] or [B, N, D/2] in any float dtype (the model passes fp32 row slices of its joint table: row
+stride D/2, not contiguous over the batch); outputs contiguous, never aliasing an input; masked-out outputs are empty
+[0] tensors:
 
     rms_norm_forward(Tensor x, Tensor weight, Tensor? cos, Tensor? sin, float eps) -> (Tensor y, Tensor rstd)
         rstd = 1/sqrt(mean_D(x²) + eps) (fp32, x.shape[:-1]); n = x·rstd·weight;
@@ -52,6 +56,7 @@ import torch
 
 from . import checks
 from .dispatch import Backend, dispatch, record_fallback
+from .eager import BackwardOp, ForwardOp
 
 OP = "rms_norm"
 
@@ -175,10 +180,41 @@ def _triton_backward_impl():
     return impl
 
 
-# One entry per backend; a native backend adds `Backend.NATIVE: lambda: torch.ops.nftcore_native.rms_norm_forward`
-# (and `..._backward`), with the signatures in the module docstring.
-FORWARD_IMPLS = {Backend.REFERENCE: lambda: _forward_ref, Backend.TRITON: _triton_forward_impl}
-BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _backward_ref, Backend.TRITON: _triton_backward_impl}
+# ----------------------------------------------------------------------------------------------------------------
+# Native CPU backend (csrc/rms_norm.cpp; the module is loaded by the dispatcher before these loaders run).
+
+
+def _native_covers(x: torch.Tensor, args) -> bool:
+    """x fp32/bf16/fp16 and non-empty, no fp64 tensor among the arguments (those stay on the reference)."""
+    return (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() > 0
+            and not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args))
+
+
+def _native_impl(kernel_name: str, op: str, reference, x_index: int):
+    """Loader of `torch.ops.nftcore_native.<kernel_name>` (signature in the module docstring); inputs it does not
+    take go to `reference`, recorded as a fallback of `op`. `x_index`: the position of x in the arguments."""
+
+    def load():
+        from nftcore._native import op as native_op
+
+        kernel = native_op(kernel_name)
+
+        def impl(*args):
+            if not _native_covers(args[x_index], args):
+                record_fallback(op)
+                return reference(*args)
+            return kernel(*args)
+
+        return impl
+
+    return load
+
+
+# One entry per backend, with the signatures in the module docstring.
+FORWARD_IMPLS = {Backend.REFERENCE: lambda: _forward_ref, Backend.TRITON: _triton_forward_impl,
+                 Backend.NATIVE: _native_impl("rms_norm_forward", OP, _forward_ref, 0)}
+BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _backward_ref, Backend.TRITON: _triton_backward_impl,
+                  Backend.NATIVE: _native_impl("rms_norm_backward", OP + "_backward", _backward_ref, 1)}
 
 
 def _impls_for(impls, x: torch.Tensor):
@@ -195,8 +231,11 @@ def _impls_for(impls, x: torch.Tensor):
 @torch.library.custom_op("nftcore::rms_norm", mutates_args=())
 def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    impl = dispatch(OP, x.device, _impls_for(FORWARD_IMPLS, x))
-    return impl(x, weight, cos, sin, eps)
+    return _rms_norm_forward(x, weight, cos, sin, eps)
+
+
+def _rms_norm_forward(x, weight, cos, sin, eps):
+    return dispatch(OP, x.device, _impls_for(FORWARD_IMPLS, x))(x, weight, cos, sin, eps)
 
 
 @_rms_norm_op.register_fake
@@ -208,6 +247,10 @@ def _(x, weight, cos, sin, eps):
 def _rms_norm_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor,
                           cos: torch.Tensor | None, sin: torch.Tensor | None,
                           output_mask: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm_backward_body(grad, x, weight, rstd, cos, sin, output_mask)
+
+
+def _rms_norm_backward_body(grad, x, weight, rstd, cos, sin, output_mask):
     impl = dispatch(OP + "_backward", x.device, _impls_for(BACKWARD_IMPLS, x))
     return impl(grad, x, weight, rstd, cos, sin, tuple(output_mask))
 
@@ -232,13 +275,15 @@ def _backward(ctx, grad, _grad_rstd):
     mask = list(ctx.needs_input_grad[:2])
     if grad is None or not any(mask):
         return None, None, None, None, None
-    dx, dw = _rms_norm_backward_op(grad, x, weight, rstd, cos, sin, mask)
+    dx, dw = _RMS_NORM_BACKWARD(grad, x, weight, rstd, cos, sin, mask, tensors=(grad, x, weight, rstd, cos, sin))
     return (dx if mask[0] else None, dw if mask[1] else None,
             None, None,  # rope tables: constants of the positions
             None)  # eps: a Python float
 
 
 _rms_norm_op.register_autograd(_backward, setup_context=_setup_context)
+_RMS_NORM = ForwardOp("RMSNormFunction", _rms_norm_op, _rms_norm_forward, _setup_context, _backward)
+_RMS_NORM_BACKWARD = BackwardOp(_rms_norm_backward_op, _rms_norm_backward_body)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,5 +343,5 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     eps = float(eps)
     _check_inputs(x, weight, eps, rope)
     cos, sin = (None, None) if rope is None else (rope[0].detach(), rope[1].detach())
-    y, _rstd = _rms_norm_op(x, weight, cos, sin, eps)
+    y, _rstd = _RMS_NORM(x, weight, cos, sin, eps, tensors=(x, weight, cos, sin))
     return y
