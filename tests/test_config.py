@@ -30,6 +30,7 @@ from nftcore.config import (
     load_config,
     qwen_image_edit_r1,
 )
+from nftcore.config.errors import UnsupportedConfigError
 from nftcore.config.sections import field_types, section_types
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,20 +161,25 @@ def test_toml_file_starts_from_its_recipe_then_cli_overrides_win(tmp_path):
         (["--filter.mean_threshold", "-0.5"], "filter.mean_threshold", -0.5),  # a negative number is a value
         (["--run.out=runs/a b"], "run.out", "runs/a b"),
         (["--metrics.wandb=true"], "metrics.wandb", True),
+        (["--metrics.wandb=True"], "metrics.wandb", True),  # Python's spelling, as f"--{key}={value}" writes it
         (["--metrics.progress", "0"], "metrics.progress", False),
+        (["--metrics.progress=off"], "metrics.progress", False),
         (["--metrics.wandb", "--run.seed=1"], "metrics.wandb", True),  # a bare bool flag means true
         (["--metrics.tensorboard"], "metrics.tensorboard", True),
         (["--filter.rule=none"], "filter.rule", "none"),
-        (["--optim.mixed_precision", "fp16"], "optim.mixed_precision", "fp16"),
+        (["--optim.mixed_precision", "bf16"], "optim.mixed_precision", "bf16"),
         (["--nft.decay_type=2"], "nft.decay_type", 2),
         (["--optim.betas=0.8,0.95"], "optim.betas", (0.8, 0.95)),
         (["--optim.betas", "(0.5, 0.9)"], "optim.betas", (0.5, 0.9)),
-        (["--sampling.guidance_scale=3.5"], "sampling.guidance_scale", 3.5),
+        (["--config", "kontext_edit_r1", "--sampling.guidance_scale", "3.5"], "sampling.guidance_scale", 3.5),
         (["--config", "kontext_edit_r1", "--sampling.guidance_scale=none"], "sampling.guidance_scale", None),
+        (["--config", "kontext_edit_r1", "--sampling.guidance_scale=None"], "sampling.guidance_scale", None),
+        (["--lora.alpha=8"], "lora.alpha", 8.0),  # an int is a float
         (["--checkpoint.keep-latest=3"], "checkpoint.keep_latest", 3),  # dashes read as underscores
         (["--resume", "latest"], "checkpoint.resume", "latest"),
         (["--resume=runs/x/checkpoints/step-30"], "checkpoint.resume", "runs/x/checkpoints/step-30"),
         (["--checkpoint.resume", "latest"], "checkpoint.resume", "latest"),
+        (["--checkpoint.resume=latest", "--checkpoint.resume="], "checkpoint.resume", ""),  # an empty value
         (["--run.epochs=3", "--run.epochs=5"], "run.epochs", 5),  # later wins
     ],
 )
@@ -187,15 +193,19 @@ def test_cli_overrides_parse_by_field_type(argv, key, expected):
     [
         (["--optm.lr=1"], ["unknown config section 'optm'", "did you mean 'optim'", "sections: run, model"]),
         (["--optim.l=1"], ["unknown key 'l' in section [optim]", "did you mean 'lr'", "lr, betas, weight_decay"]),
-        (["--optim.lr=abc"], ["optim.lr", "'abc' is not a float"]),
-        (["--run.epochs=2.5"], ["run.epochs", "is not an int"]),
+        (["--optim.learning-rate", "1"], ["unknown key 'learning_rate' in section [optim]"]),
+        (["--optim.lr=abc"], ["optim.lr (FLOAT)", "'abc' is not a float"]),
+        (["--run.epochs=2.5"], ["run.epochs (INT)", "'2.5'"]),
         (["--filter.rule=papr"], ["filter.rule", "one of paper, code, none", "did you mean 'paper'"]),
         (["--nft.decay_type=3"], ["nft.decay_type", "one of 0, 1, 2"]),
         (["--metrics.wandb=maybe"], ["metrics.wandb", "true/false/1/0"]),
-        (["--optim.betas=0.9"], ["optim.betas", "2 values"]),
-        (["--optim.betas=0.9,x"], ["optim.betas[1]", "'x' is not a float"]),
+        (["--optim.betas=0.9"], ["optim.betas (FLOAT,FLOAT)", "2 comma-separated values"]),
+        (["--optim.betas=0.9,x"], ["optim.betas", "'x' is not a float"]),
+        (["--config", "kontext_edit_r1", "--sampling.guidance_scale=off"], ["sampling.guidance_scale (FLOAT|none)"]),
         (["--seed", "3"], ["unknown option '--seed'", "did you mean '--run.seed'"]),
-        (["--optim.lr"], ["--optim.lr needs a value (float)"]),
+        (["--recipe=demo"], ["unknown option '--recipe=demo'"]),  # the recipe is --config's
+        (["--optim.lr"], ["optim.lr needs a value (FLOAT)"]),
+        (["--resume"], ["--resume needs a value (latest|PATH)"]),
         (["--config", "qwen"], ["neither a recipe nor a file", "did you mean 'qwen_image_edit_r1'", "demo"]),
         (["--config", "demo", "--config", "demo"], ["--config given twice"]),
         (["--config", "missing.toml"], ["config file not found: missing.toml"]),
@@ -213,11 +223,13 @@ def test_cli_mistakes_are_config_errors_that_name_them(argv, needles):
 @pytest.mark.parametrize(
     "text, needles",
     [
-        ('[optimizer]\nlr = 1.0\n', ["unknown config section 'optimizer'", "did you mean 'optim'", "recipe, run"]),
+        ('[optimizer]\nlr = 1.0\n', ["unknown config section 'optimizer'", "did you mean 'optim'", "sections: run"]),
         ('[optim]\nlearning_rate = 1.0\n', ["unknown key 'learning_rate'", "[optim]", "keys of [optim]: lr"]),
         ('[optim]\nlr = "fast"\n', ["optim.lr", "'fast' is not a float"]),
-        ('[sampling]\ngroup_size = 12.0\n', ["sampling.group_size", "is not an int"]),
-        ('[run]\nname = 3\n', ["run.name", "not a string"]),
+        ('[sampling]\ngroup_size = 12.0\n', ["sampling.group_size (INT)", "'12.0'"]),
+        ('[run]\nname = 3\n', ["run.name", "must be a string"]),
+        ('[filter]\nrule = "papr"\n', ["filter.rule", "did you mean 'paper'"]),
+        ('[optim]\nbetas = [0.9]\n', ["optim.betas", "2 comma-separated values"]),
         ('optim = 3\n', ["[optim] must be a table"]),
         ('recipe = "qwen_edit"\n', ["unknown recipe 'qwen_edit'", "did you mean 'qwen_image_edit_r1'"]),
         ('[optim\n', ["not valid TOML"]),
@@ -263,12 +275,44 @@ def test_cross_field_constraints(argv, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("argv, needle", [
+    (["--sampling.guidance_scale=2.5"], "model.family='demo' cannot honour sampling.guidance_scale=2.5"),
+    (["--sampling.true_cfg_scale=4"], "model.family='demo' cannot honour sampling.true_cfg_scale=4.0"),
+    (["--data.path=data/edit-r1-dataset"], "model.family='demo' cannot honour data.path='data/edit-r1-dataset'"),
+    (["--optim.mixed_precision=fp16"], "optim.mixed_precision='fp16' needs a GradScaler"),
+])
+def test_settings_the_trainer_cannot_honour_are_refused_by_validate(argv, needle):
+    """Checks that used to wait for the trainer: refused with the config, on one line when alone (the job's last)."""
+    with pytest.raises(ConfigError) as info:
+        load_config(argv)
+    message = str(info.value)
+    assert message.startswith("invalid config: ") and "\n" not in message and needle in message, message
+    # The editing families take what the demo cannot.
+    assert load_config(["--config", "kontext_edit_r1", "--sampling.true_cfg_scale=4"]).sampling.true_cfg_scale == 4
+
+
+def test_world_size_checks_are_unsupported_config_errors():
+    cfg = load_config(["--parallel.shard_text_encoder=true"])
+    assert cfg.validate(world_size=1) is cfg and cfg.check_world_size(1) is cfg  # one rank shards nothing
+    for check in (lambda: cfg.validate(world_size=2), lambda: cfg.check_world_size(2)):
+        with pytest.raises(UnsupportedConfigError, match="parallel.shard_text_encoder=true: the demo's text encoder"):
+            check()
+    assert issubclass(UnsupportedConfigError, ConfigError) and issubclass(UnsupportedConfigError, NotImplementedError)
+    kontext = load_config(["--config", "kontext_edit_r1"])  # shards its text encoders by default
+    assert kontext.parallel.shard_text_encoder and kontext.validate(world_size=8) is kontext
+    both = load_config(["--parallel.shard_text_encoder=true", "--model.finetune=full",
+                        "--parallel.shard_transformer=false"])
+    with pytest.raises(UnsupportedConfigError) as info:
+        both.validate(world_size=2)
+    assert str(info.value).startswith("invalid config for 2 ranks:\n  - ") and str(info.value).count("\n  - ") == 2
+
+
 def test_configs_edited_in_python_are_type_checked():
     cfg = demo()
     cfg.optim.lr, cfg.filter.rule, cfg.optim.betas, cfg.metrics.wandb = "3e-4", "papr", (0.9,), 1
     message = "\n".join(cfg.problems())
-    for needle in ["optim.lr: expected float", "filter.rule: 'papr' is not one of", "optim.betas: expected 2",
-                   "metrics.wandb: expected bool"]:
+    for needle in ["optim.lr: '3e-4' has the wrong type", "filter.rule: 'papr' has the wrong type",
+                   "optim.betas: (0.9,) has the wrong type", "metrics.wandb: 1 has the wrong type"]:
         assert needle in message
     with pytest.raises(AttributeError):  # slots: a misspelt attribute is an error, not a new field
         cfg.optim.learning_rate = 1.0
@@ -304,16 +348,37 @@ def test_dict_and_json_load_back_equal(make):
     assert config_from_dict(data) == cfg
 
 
+def test_toml_values_take_the_field_types(tmp_path):
+    """TOML is typed: an int where a float goes is widened, an array is a tuple, "none" unsets an optional field."""
+    path = tmp_path / "run.toml"
+    path.write_text('recipe = "kontext_edit_r1"\n[nft]\nkl_weight = 0\n[optim]\nbetas = [1, 0]\n'
+                    '[sampling]\nguidance_scale = "none"\n[filter]\nrule = "code"\n')
+    cfg = load_config(["--config", str(path), "--optim.betas=0.5,0.9"])
+    assert type(cfg.nft.kl_weight) is float and cfg.optim.betas == (0.5, 0.9) and cfg.filter.rule == "code"
+    assert cfg.sampling.guidance_scale is None and cfg.recipe == "kontext_edit_r1"
+    assert config_from_dict({"optim": {"betas": [0, 0.5]}}).optim.betas == (0.0, 0.5)
+
+
 def test_help_and_print_config(capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
         load_config(["--config", "qwen_image_edit_r1", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out == format_help(qwen_image_edit_r1())
+    flat = " ".join(out.split())  # tyro wraps the help texts to the terminal's width
     for section, cls in section_types().items():
-        assert f"[{section}]" in out
+        assert f" {section} options" in out and cls.__doc__.split("\n")[0] in flat  # a group per section
         assert all(f"--{section}.{key} " in out for key in field_types(cls))
-    assert "--nft.kl_weight float = 0.0001" in out and "Not the KL weight" in out
+    assert "--nft.kl_weight FLOAT" in out and "Not the KL weight" in flat
+    assert "--lora.rank INT LoRA rank r. (default: 32)" in flat  # the recipe's value (the field default is 16)
+    assert "--optim.betas FLOAT,FLOAT" in out and "--sampling.guidance_scale FLOAT|none" in out
+    assert "--metrics.wandb {true,false}" in out and "--nft.decay_type {0,1,2}" in out
+    assert "--config RECIPE|FILE.toml" in out and "--recipe" not in out
+
+    # The help shows the base config, with a --config file applied; overrides around --help are not parsed.
+    with pytest.raises(SystemExit) as info:
+        load_config(["--config", "demo", "--run.epochs=1", "--help", "--no.such=key"])
+    assert info.value.code == 0 and capsys.readouterr().out == format_help(demo())
 
     with pytest.raises(SystemExit):
         load_config(["--config", "qwen_image_edit_r1", "--run.epochs=9", "--print-config"])
@@ -418,7 +483,7 @@ def test_non_finite_floats_are_refused_on_the_command_line(key, text):
     with pytest.raises(ConfigError) as info:
         load_config([f"--{key}={override}"])
     message = str(info.value)
-    assert key in message and "finite" in message and f"--{key}={override}" in message, message
+    assert key in message and "finite" in message and repr(text) in message, message
 
 
 @pytest.mark.parametrize("key", _float_keys())

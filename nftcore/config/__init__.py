@@ -5,9 +5,10 @@
     plan = batch_plan(cfg, world_size)          # per-rank batches, accumulation, T_train; error if it cannot split
     print(config_to_toml(cfg))                  # readable, and `--config` reads it back to an equal config
 
-Modules: `sections` (the dataclasses and their validation), `recipes` (demo, kontext_edit_r1, qwen_image_edit_r1),
-`values` (field types: parsing, checking, TOML literals), `serialize` (dict/JSON and TOML, both directions),
-`cli` (argv), `batching` (the epoch's batch arithmetic). Importing this package does not import torch.
+Modules: `sections` (the dataclasses, their help texts and `validate`), `recipes` (demo, kontext_edit_r1,
+qwen_image_edit_r1), `overrides` (`--section.key=value` parsed by tyro), `cli` (argv: --config, --resume, --help),
+`serialize` (dict/JSON and TOML, both directions), `batching` (the epoch's batch arithmetic). Importing this package
+does not import torch.
 """
 
 from nftcore.config.batching import BatchPlan, batch_plan

@@ -1,10 +1,10 @@
 """The trainer's configuration: one typed dataclass per concern, and `TrainConfig` that holds one of each.
 
-Why dataclasses with a help string per field (torchtitan style): the types drive the command-line
-and TOML parser, the help strings drive `--help`, and a typo is an error instead of a silently ignored attribute
-(`slots=True`). The field defaults are the `demo` recipe (the embedded CPU run), so `TrainConfig()` is the default
-config; the Edit-R1 recipes in `recipes.py` spell out every value of the official configs explicitly rather than
-inheriting them from here, so tuning the demo can never move a published recipe.
+Why dataclasses with a help string per field (torchtitan style): tyro builds the command line from the types and
+the help strings (`--help`), `validate` checks the values (typeguard the types), and a typo is an error instead of
+a silently ignored attribute (`slots=True`). The field defaults are the `demo` recipe (the embedded CPU run), so
+`TrainConfig()` is the default config; the Edit-R1 recipes in `recipes.py` spell out every value of the official
+configs explicitly rather than inheriting them from here, so tuning the demo can never move a published recipe.
 
 Names follow the rest of nftcore: `nft.beta` / `nft.kl_weight` / `nft.adv_clip_max` / `nft.negative_weight` are
 `nft_loss`'s arguments, `filter.rule` / `mean_threshold` / `std_threshold` are `low_variance_filter`'s,
@@ -18,11 +18,13 @@ import math
 from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
+
+from typeguard import TypeCheckError, check_type
+from tyro.conf import Suppress
 
 from nftcore.config.batching import plan_problem, train_timesteps
-from nftcore.config.errors import ConfigError
-from nftcore.config.values import type_problem
+from nftcore.config.errors import ConfigError, UnsupportedConfigError
 
 
 def option(default: Any, help: str) -> Any:
@@ -252,7 +254,8 @@ class OptimConfig:
     steps_per_epoch: int = option(4, "Optimizer steps per epoch; the epoch's micro-batches are split evenly among them "
                                      "(the rest is gradient accumulation).")
     mixed_precision: Literal["no", "bf16", "fp16"] = option(
-        "no", "Autocast dtype of the forwards: 'bf16' (Edit-R1), 'fp16' (DiffusionNFT; adds a GradScaler), 'no'.")
+        "no", "Autocast dtype of the forwards: 'bf16' (Edit-R1) or 'no'. 'fp16' (DiffusionNFT's) needs a GradScaler, "
+              "which the trainer does not have yet, and is refused.")
     allow_tf32: bool = option(True, "Allow TF32 matmuls and convolutions on CUDA.")
 
     def problems(self) -> list[str]:
@@ -263,6 +266,8 @@ class OptimConfig:
             f"optim.eps must be > 0, got {self.eps}": self.eps > 0,
             f"optim.max_grad_norm must be ≥ 0, got {self.max_grad_norm}": self.max_grad_norm >= 0,
             f"optim.steps_per_epoch must be ≥ 1, got {self.steps_per_epoch}": self.steps_per_epoch >= 1,
+            "optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not have yet; use 'bf16' "
+            "(Edit-R1's choice) or 'no'": self.mixed_precision != "fp16",
         })
 
 
@@ -413,7 +418,7 @@ class DataConfig:
 class TrainConfig:
     """Everything one training run needs; `TrainConfig()` is the `demo` recipe. Build with `load_config`."""
 
-    recipe: str = option("demo", "The recipe this config started from (a TOML dump records it).")
+    recipe: Annotated[str, Suppress] = option("demo", "The recipe this config started from (chosen with --config).")
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -439,7 +444,7 @@ class TrainConfig:
         if typed:  # range checks on wrongly typed values would only add noise (or raise)
             return typed
         found = [problem for name in SECTIONS for problem in getattr(self, name).problems()]
-        s = self.sampling
+        s, demo = self.sampling, self.model.family == "demo"
         if not found:
             found += _failed({
                 f"sampling.num_steps × nft.timestep_fraction = {s.num_steps} × {self.nft.timestep_fraction} trains "
@@ -448,6 +453,13 @@ class TrainConfig:
                 "sampling.true_cfg_scale)": not (self.model.family == "qwen_image" and s.guidance_scale is not None),
                 f"parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got "
                 f"{self.reward.backend!r}": not self.parallel.shard_reward_model or self.reward.backend == "local",
+                # The demo family's own limits: an error naming the key rather than a silently ignored value.
+                f"model.family='demo' cannot honour sampling.guidance_scale={s.guidance_scale}: the demo policy has "
+                "no guidance embedding; leave it unset": not demo or s.guidance_scale is None,
+                f"model.family='demo' cannot honour sampling.true_cfg_scale={s.true_cfg_scale}: the demo policy has "
+                "no unconditional branch; use 1.0": not demo or s.true_cfg_scale == 1.0,
+                f"model.family='demo' cannot honour data.path={self.data.path!r}: the demo family trains on its "
+                "embedded world; a dataset folder needs the flux or qwen_image family": not demo or not self.data.path,
             })
             # World-size independent; batch_plan adds the one world-size check (no more ranks than samples).
             split = plan_problem(s.group_size * s.groups_per_epoch, self.optim.steps_per_epoch)
@@ -461,24 +473,21 @@ class TrainConfig:
             f"replicated on every rank cost {world_size}× memory and an all-reduce of every weight's gradient; set "
             "parallel.shard_transformer=true":
                 not (self.model.finetune == "full" and world_size > 1 and not self.parallel.shard_transformer),
+            "parallel.shard_text_encoder=true: the demo's text encoder is part of its tiny policy and always "
+            "replicated; run with --parallel.shard_text_encoder=false":
+                not (self.parallel.shard_text_encoder and world_size > 1 and self.model.family == "demo"),
         })
 
     def check_world_size(self, world_size: int) -> TrainConfig:
-        """Raise one ConfigError listing what cannot work on `world_size` ranks; return self."""
-        found = self.world_size_problems(world_size)
-        if found:
-            raise ConfigError(f"invalid config for {world_size} ranks:\n  - " + "\n  - ".join(found))
+        """Raise UnsupportedConfigError listing what cannot work on `world_size` ranks; return self."""
+        _raise(self.world_size_problems(world_size), f"invalid config for {world_size} ranks", UnsupportedConfigError)
         return self
 
     def validate(self, world_size: int | None = None) -> TrainConfig:
-        """Raise one ConfigError listing every problem (with `world_size`, also what cannot work on that many ranks);
-        return self, so `cfg = recipe().validate()` reads well."""
-        found = self.problems()
-        if world_size is not None and not found:
-            found = self.world_size_problems(world_size)
-        if found:
-            raise ConfigError("invalid config:\n  - " + "\n  - ".join(found))
-        return self
+        """Raise one ConfigError listing every problem (with `world_size`, then also what cannot work on that many
+        ranks, as an UnsupportedConfigError); return self, so `cfg = recipe().validate()` reads well."""
+        _raise(self.problems(), "invalid config")
+        return self if world_size is None else self.check_world_size(world_size)
 
 
 @cache
@@ -495,10 +504,6 @@ def field_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in fields(section_cls)}
 
 
-def field_help(section_cls: type, name: str) -> str:
-    return next(f.metadata.get("help", "") for f in fields(section_cls) if f.name == name)
-
-
 SECTIONS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
 """The section names, in order: run, model, lora, sampling, nft, reward, filter, optim, parallel, checkpoint, metrics,
 eval, data."""
@@ -509,15 +514,36 @@ def _failed(checks: dict[str, bool]) -> list[str]:
     return [message for message, ok in checks.items() if not ok]
 
 
+def _raise(found: list[str], title: str, error: type[ConfigError] = ConfigError) -> None:
+    """One error for all `found` problems: on one line when there is one (the job's last line), else a list."""
+    if len(found) == 1:
+        raise error(f"{title}: {found[0]}")
+    if found:
+        raise error(f"{title}:\n  - " + "\n  - ".join(found))
+
+
 def _type_problems(cfg: TrainConfig) -> list[str]:
-    found = [] if isinstance(cfg.recipe, str) else [f"recipe must be a str, got {cfg.recipe!r}"]
-    for name, cls in section_types().items():
+    """Values of the wrong type, e.g. set in Python: `section.key: problem` (the section alone if it is wrong)."""
+    found = []
+    for name, tp in get_type_hints(TrainConfig).items():
         section = getattr(cfg, name)
-        if type(section) is not cls:
-            found.append(f"[{name}] must be a {cls.__name__}, got {type(section).__name__}")
+        problem = _type_problem(section, tp)
+        if problem or name == "recipe":
+            found += [f"{name}: {problem}"] if problem else []
             continue
-        for key, tp in field_types(cls).items():
-            problem = type_problem(getattr(section, key), tp)
-            if problem:
-                found.append(f"{name}.{key}: {problem}")
+        for key, key_type in field_types(tp).items():
+            problem = _type_problem(getattr(section, key), key_type)
+            found += [f"{name}.{key}: {problem}"] if problem else []
     return found
+
+
+def _type_problem(value: Any, tp: Any) -> str | None:
+    """Why `value` is not a `tp` (typeguard decides), or a non-finite float: no option means "no limit" by inf (0 does,
+    where there is one), and an inf or nan that got through would only surface hours later as a NaN loss."""
+    try:
+        check_type(value, tp)
+    except TypeCheckError as error:
+        return f"{value!r} has the wrong type: {' '.join(str(error).split())}"
+    if any(isinstance(x, float) and not math.isfinite(x) for x in (value if isinstance(value, tuple) else (value,))):
+        return f"{value!r} is not a finite float (no float option takes inf or nan)"
+    return None
