@@ -46,7 +46,8 @@ if __package__ in (None, ""):  # run as `python bench/bench_demo_seeds.py`: make
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import harness  # noqa: E402
-from nftcore.trainer.metrics import moving_average, read_metrics  # noqa: E402
+from nftcore.demo.plots import moving_average  # noqa: E402
+from nftcore.trainer.metrics import read_metrics  # noqa: E402
 
 BENCH = "demo_seeds"
 ARMS = {"full": [], "positive": ["--nft.negative_weight=0"]}

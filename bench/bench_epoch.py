@@ -317,12 +317,12 @@ class NftcoreSide:
             t0 = time.perf_counter()
             out = original(epoch)
             sync(device)
-            self._rollout_wall, self._waited = time.perf_counter() - t0, out[1]
+            self._rollout_wall, self._waited = time.perf_counter() - t0, out.reward_wait
             return out
 
         def recorded_advantages(epoch, rollouts):
             stats = advantages(epoch, rollouts)
-            self.filtered = stats["filtered_fraction"]
+            self.filtered = stats.filtered_fraction
             return stats
 
         self.trainer.rollout = timed_rollout
@@ -397,6 +397,7 @@ def parity(ref: ReferenceEpoch, nft: NftcoreSide, kind: str) -> float:
     """Relative max difference of one rollout batch sampled by both sides from the same noise, with the initial
     (identical) weights; each side builds its own conditioning from the same dataset rows."""
     from nftcore.sampling import sample as solve
+    from nftcore.trainer import Role
 
     cfg, tr = ref.cfg, nft.trainer
     k, bsz = cfg.sampling.group_size, cfg.sampling.batch_size
@@ -406,7 +407,7 @@ def parity(ref: ReferenceEpoch, nft: NftcoreSide, kind: str) -> float:
     ours = ref.sample(noise.to(ref.device), cond)
     nft_samples = [tr.family.train_dataset[groups[i // k]] for i in range(bsz)]
     with tr.autocast():
-        theirs = solve(tr.weights.velocity(tr.family.conditioning(nft_samples), "old"), noise.to(nft.device),
+        theirs = solve(tr.weights.velocity(tr.family.conditioning(nft_samples), Role.OLD), noise.to(nft.device),
                        tr.sigmas, solver=cfg.sampling.solver)
     err = float((ours.float() - theirs.float()).abs().max() / theirs.float().abs().max())
     grid = float((ref.front.sigmas - tr.sigmas.cpu().double()).abs().max())

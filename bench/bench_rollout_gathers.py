@@ -82,7 +82,7 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from nftcore.config import load_config
-    from nftcore.trainer import Trainer
+    from nftcore.trainer import Role, Trainer
     from nftcore.trainer.distributed import fsdp_modules
 
     torch.set_num_threads(args.threads)
@@ -101,7 +101,7 @@ def worker(args) -> None:
                 trainer.run_epoch(epoch)
         finally:
             counter.remove()
-        state = trainer.weights.state("default")
+        state = trainer.weights.state(Role.THETA)
         local = {k: (v.to_local() if hasattr(v, "to_local") else v).detach().clone() for k, v in state.items()}
         mine["modes"][mode] = {
             "gathers": {p: [n for n, _ in record[p][args.warmup:]] for p in PHASES},

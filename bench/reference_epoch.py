@@ -167,7 +167,7 @@ class DemoFrontend(FluxCall):
     def __init__(self, cfg, device: torch.device, tmp: Path):
         from diffusers import FluxTransformer2DModel
 
-        from nftcore.trainer.family import DemoFamily, DemoReward
+        from nftcore.demo.family import DemoFamily, DemoReward
 
         family = DemoFamily(cfg, device)  # a fresh copy: base weights without the trainer's LoRA
         self.family, self.dataset, self.device = family, family.train_dataset, device

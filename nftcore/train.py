@@ -34,12 +34,10 @@ import time
 
 from nftcore.config import ConfigError, load_config
 from nftcore.data import DatasetError
+from nftcore.demo.showcase import Showcase
 from nftcore.trainer import Trainer, init_distributed, shutdown
 from nftcore.trainer.checkpoint import CheckpointError
-from nftcore.trainer.metrics import save_before_after, save_reward_curve
 from nftcore.trainer.run_folder import prepare_run_folder
-
-GRID_ROWS = 8  # eval tasks shown in before_after.png
 
 CONFIG_EXIT, RUNTIME_EXIT = 2, 1
 RUNTIME_ERRORS = (FileNotFoundError, DatasetError, CheckpointError)
@@ -81,28 +79,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(trainer: Trainer, cfg, env) -> None:
-    """Train; for the demo also evaluate the base and final models and draw the pictures."""
+    """Train; a demo run with evaluation on also evaluates the base and final models and draws the pictures
+    (`nftcore.demo.showcase`)."""
     start = time.perf_counter()
-    demo = cfg.model.family == "demo" and cfg.eval.every > 0  # eval.every = 0: no evaluation, no pictures
-    if demo:
-        base_reward, base_images = trainer.evaluate("base")
-        trainer.metrics.info(f"# base model: eval reward {base_reward:.4f}")
+    showcase = None
+    if cfg.model.family == "demo" and cfg.eval.every > 0:  # eval.every = 0: no evaluation, no pictures
+        showcase = Showcase(trainer, cfg.run.metrics_path.parent)
+        showcase.before()
     result = trainer.train()
-    if demo:
-        last = trainer.last_eval  # the loop's own evaluation after the last epoch, when it made one
-        final_reward, final_images = (last[1:] if last and last[0] == result["epoch"] else trainer.evaluate("ema"))
-        trainer.metrics.info(f"# final (EMA) model: eval reward {final_reward:.4f} (base {base_reward:.4f}); "
-                             f"rollout reward by epoch {[round(r, 4) for r in result['epoch_rewards']]}")
-        if env.is_main:
-            fam = trainer.family
-            rows = min(GRID_ROWS, base_images.shape[0])
-            samples = [fam.eval_dataset[i] for i in range(rows)]
-            out = cfg.run.metrics_path.parent
-            save_reward_curve(out / "reward_curve.png", result["epoch_rewards"], base_reward, final_reward,
-                              result["eval_rewards"])
-            save_before_after(out / "before_after.png", fam.source_images(samples).cpu(), base_images[:rows],
-                              final_images[:rows], fam.target_images(samples))
-            print(f"# wrote {out / 'reward_curve.png'} and {out / 'before_after.png'}")
+    if showcase is not None:
+        showcase.after(result)
     trainer.metrics.info(f"# done: {result['epoch']} epochs, {result['step']} steps in "
                          f"{time.perf_counter() - start:.1f} s")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def install_gate(gate: Path, call: int) -> None:
-    from nftcore.trainer.family import DemoReward
+    from nftcore.demo.family import DemoReward
 
     rank = int(os.environ.get("RANK", 0))
     release = gate / f"release-rank{rank}"

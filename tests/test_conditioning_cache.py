@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from nftcore.config import ConfigError, load_config
+from nftcore.demo.family import DemoFamily
 from nftcore.trainer import Trainer, read_metrics
 from nftcore.trainer.conditioning_cache import (
     SUFFIX,
@@ -27,7 +28,6 @@ from nftcore.trainer.conditioning_cache import (
     entry_key,
     identity_of,
 )
-from nftcore.trainer.family import DemoFamily
 from tests.test_trainer import loss_trace, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -123,8 +123,8 @@ def test_later_epochs_and_evaluations_encode_nothing(tmp_path, monkeypatch):
     """With two train rows (G = 2: both drawn every epoch) and three eval rows, 'memory' encodes each row once: the
     first epoch's two rollout rows (four samples, a group's K samples sharing one encoder row) and one evaluation
     (3 rows in batches of 2); the second epoch and its evaluation encode nothing."""
-    monkeypatch.setattr("nftcore.trainer.family.DEMO_TRAIN_TASKS", 2)
-    monkeypatch.setattr("nftcore.trainer.family.DEMO_EVAL_TASKS", 3)
+    monkeypatch.setattr("nftcore.demo.family.DEMO_TRAIN_TASKS", 2)
+    monkeypatch.setattr("nftcore.demo.family.DEMO_EVAL_TASKS", 3)
     options = {"eval.every": 1, "eval.batch_size": 2, "sampling.batch_size": 2}
     trainer, _, calls = run_demo(tmp_path / "memory", "memory", **options)
     assert calls == [(0, 1), (0, 1), (0, 2), (0, 1)]

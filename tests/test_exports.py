@@ -18,6 +18,7 @@ import torch
 
 from nftcore.models.lora import adapter_state, adapters_disabled, merge_adapter, unmerge_adapter
 from nftcore.models.lora_io import DIFFUSERS_WEIGHTS, PEFT_WEIGHTS
+from nftcore.trainer import Role
 from tests.test_trainer import run_tiny
 
 diffusers = pytest.importorskip("diffusers")
@@ -63,7 +64,7 @@ def demo_run(tmp_path_factory):
     with torch.no_grad():
         with adapters_disabled(model):
             base = model(**x).sample
-        with trainer.ema.swapped(trainer.weights.state("default")):
+        with trainer.ema.swapped(trainer.weights.state(Role.THETA)):
             merge_adapter(model, "default")
             ours = model(**x).sample
             unmerge_adapter(model)
@@ -75,7 +76,7 @@ def test_demo_export_is_the_ema_adapter_with_nonzero_b(demo_run):
     from safetensors.torch import load_file
 
     tensors = load_file(demo_run.export / "diffusers" / DIFFUSERS_WEIGHTS)
-    shadow = {name: demo_run.trainer.ema.shadow[name] for name in demo_run.trainer.weights.state("default")}
+    shadow = {name: demo_run.trainer.ema.shadow[name] for name in demo_run.trainer.weights.state(Role.THETA)}
     assert set(tensors) == {f"transformer.{k}" for k in shadow}
     for key, value in shadow.items():
         assert torch.equal(tensors[f"transformer.{key}"], value.cpu())
@@ -103,7 +104,7 @@ def test_peft_lora_loads_with_peft(demo_run):
 
 def test_qwen_image_lora_export_loads_into_qwen_edit_pipeline_and_peft(tmp_path):
     from nftcore.config import load_config
-    from nftcore.trainer.family import LoRAWeights
+    from nftcore.trainer.weights import LoRAWeights
     from tests.test_lora import _tiny_pair
 
     _, model, x = _tiny_pair("qwen_image", tmp_path)  # saves the random diffusers base to tmp_path/base
@@ -139,6 +140,6 @@ def test_full_finetune_export_loads_with_diffusers_from_pretrained(tmp_path):
     x = flux_inputs(trainer.model.config)
     with torch.no_grad():
         base = trainer.weights.ref(**x).sample
-        with trainer.ema.swapped(trainer.weights.state("default")):
+        with trainer.ema.swapped(trainer.weights.state(Role.THETA)):
             ours = trainer.model(**x).sample
         assert_close(theirs(**x).sample, ours, base)

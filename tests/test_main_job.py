@@ -62,7 +62,7 @@ def _one_line(err: str) -> str:
 @pytest.mark.parametrize("overrides, env, code, needle", [
     ({"model.path": "no/such/demo.safetensors"}, None, 1, "no demo checkpoint at no/such/demo.safetensors"),
     ({"parallel.shard_text_encoder": True}, DistEnv(rank=0, world_size=2), 2, "parallel.shard_text_encoder=true"),
-    ({"optim.mixed_precision": "fp16"}, None, 2, "optim.mixed_precision='fp16'"),
+    ({"optim.mixed_precision": "fp16"}, None, 2, "bad value for optim.mixed_precision"),
     ({}, DistEnv(rank=0, world_size=8), 2, "batch plan"),  # K·G = 4 samples cannot spread over 8 ranks
 ])
 def test_start_up_errors_are_one_line_with_the_exit_code(tmp_path, monkeypatch, capsys, overrides, env, code,

@@ -61,7 +61,7 @@ class Sides:
 
     def __init__(self, cfg, tmp: Path, dtype: torch.dtype):
         from bench.reference_epoch import DemoFrontend, ReferenceEpoch, initial_adapters
-        from nftcore.trainer import Trainer
+        from nftcore.trainer import Role, Trainer
         from nftcore.trainer.distributed import DistEnv
 
         device = torch.device("cpu")
@@ -69,7 +69,7 @@ class Sides:
         self.trainer = Trainer(cfg, env=DistEnv(device=device), echo=False)
         g = torch.Generator().manual_seed(5)
         with torch.no_grad():  # distinct random adapters: θ ≠ θ_old ≠ the reference
-            for name in ("default", "old"):
+            for name in (Role.THETA, Role.OLD):
                 for value in self.trainer.weights.state(name).values():
                     value.copy_(torch.randn(value.shape, generator=g) * 0.3)
         self.front = DemoFrontend(cfg, device, tmp / f"reference-{dtype}".replace("torch.", ""))
@@ -77,6 +77,7 @@ class Sides:
         self.ref = ReferenceEpoch(cfg, self.front, device, initial_adapters(self.trainer.weights))
         self.trainer.model.to(dtype)
         self.rows = {"nftcore": 0, "reference": 0}
+        self.terms = None  # the last nftcore step's `StepTerms`
         self.trainer.model.register_forward_hook(lambda m, a, kw, out: self._count("nftcore", a, kw), with_kwargs=True)
         self.front.transformer.register_forward_hook(lambda m, a, kw, out: self._count("reference", a, kw),
                                                      with_kwargs=True)
@@ -87,7 +88,8 @@ class Sides:
     def inputs(self, scores: list[float]):
         """Latents, both conditionings, advantages (official arithmetic), r, mask and nftcore's per-sample draws."""
         from bench.reference_epoch import official_advantages, optimality
-        from nftcore.trainer.loop import Rollouts, sample_timesteps, sample_train_noise
+        from nftcore.trainer.rollout import Rollouts
+        from nftcore.trainer.seeding import sample_timesteps, sample_train_noise
 
         cfg, fam = self.cfg, self.trainer.family
         n, t_train = len(scores), cfg.train_timesteps
@@ -107,12 +109,14 @@ class Sides:
 
     def nftcore_step(self, rollouts, r, chunk: list[int]) -> tuple[float, dict[str, torch.Tensor]]:
         """`Trainer.accumulate` over `chunk` (global sample indices in training order): (loss, gradients)."""
+        from nftcore.trainer import Role
+
         for p in self.trainer.params:
             p.grad = None
         r = r.to(torch.float64 if self.dtype == torch.float64 else torch.float32)
-        sums = self.trainer.accumulate(0, rollouts, r, chunk)
-        grads = {k: v.grad.detach().double().clone() for k, v in self.trainer.weights.state("default").items()}
-        return float(sums[0]), grads
+        self.terms = self.trainer.accumulate(0, rollouts, r, chunk)
+        grads = {k: v.grad.detach().double().clone() for k, v in self.trainer.weights.state(Role.THETA).items()}
+        return self.terms.loss, grads
 
     def reference_step(self, x0, cond, advantages, valid, steps, noise, order) -> tuple[float, dict]:
         """`ReferenceEpoch.accumulate` over all the epoch's micro-batches (one optimizer step): (loss, gradients)."""
@@ -208,6 +212,21 @@ def test_reference_step_equals_trainer_step(sides):
         assert tol > 0, what  # the float64 run really ran at another precision
         assert d64 <= tol, what
         assert d32 <= 2 * tol, what
+
+
+def test_logged_diagnostics_are_the_official_ones(sides):
+    """Case (1): the step's diagnostics that carry the official scripts' names (x0_norm, x0_norm_max, old_deviate,
+    old_deviate_max, old_kl_div) have the reference's values, computed its way (each pass's value over its
+    micro-batch, averaged over the step's passes). In float64 the inputs are the same up to the float32 timestep and
+    RoPE tables both models keep; nftcore's own x0_pred_norm (θ's predicted clean sample) is another quantity."""
+    _unfiltered(sides, torch.float64)
+    s = sides(2, torch.float64)
+    ours, theirs = s.terms, s.ref.step_logs[-1]
+    print({name: (getattr(ours, name), theirs[name]) for name in ("x0_norm", "old_deviate", "old_kl_div")},
+          "x0_pred_norm", ours.x0_pred_norm)
+    for name in ("x0_norm", "x0_norm_max", "old_deviate", "old_deviate_max", "old_kl_div"):
+        assert getattr(ours, name) == pytest.approx(theirs[name], rel=1e-5), name
+    assert ours.x0_pred_norm != pytest.approx(theirs["x0_norm"], rel=1e-3)
 
 
 def _filtered(sides, dtype):

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from nftcore.config import ConfigError, load_config
+from nftcore.demo.family import DemoReward
 from nftcore.reward.base import RewardResult
-from nftcore.trainer import REQUIRED_KEYS, NonFiniteLossError, Trainer, read_metrics
-from nftcore.trainer.family import DemoReward
+from nftcore.trainer import REQUIRED_KEYS, NonFiniteLossError, Role, Trainer, read_metrics
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_demo_loss.json"
 GOLDEN_RTOL = 2e-3  # thread count and BLAS change the last bits, amplified ~100× by the ODE and the x0 weighting
@@ -64,8 +64,9 @@ def test_smoke_run_writes_metrics_checkpoints_and_lora(tmp_path):
     for row in rows:
         assert set(REQUIRED_KEYS) <= row.keys()
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0
-        assert {"policy_loss", "kl_loss", "old_deviate", "x0_norm", "invalid_rewards", "samples_per_s",
-                "time_rollout", "time_reward_wait", "time_train"} <= row.keys()
+        assert {"policy_loss", "kl_loss", "x0_pred_norm", "x0_norm", "x0_norm_max", "old_deviate", "old_deviate_max",
+                "old_kl_div", "zero_std_ratio", "mean_reward_10", "invalid_rewards", "samples_per_s", "time_rollout",
+                "time_reward_wait", "time_train"} <= row.keys()
         assert row["samples_per_s_per_rank"] == row["samples_per_s"] and row["rollout_samples_per_s_per_rank"] > 0
     assert result["step"] == 4 and result["epoch"] == 2
     last = tmp_path / "checkpoints" / "epoch-000002"
@@ -85,12 +86,12 @@ def test_smoke_run_writes_metrics_checkpoints_and_lora(tmp_path):
 def test_full_finetuning_trains_every_weight_and_resumes(tmp_path):
     trainer, _ = run_tiny(tmp_path, finetune="full", **{"nft.kl_weight": 1e-2})
     assert len(trainer.params) == len(list(trainer.model.parameters()))
-    before = {k: v.clone() for k, v in trainer.weights.state("default").items()}
-    old, ref = trainer.weights.state("old"), dict(trainer.weights.ref.named_parameters())
+    before = {k: v.clone() for k, v in trainer.weights.state(Role.THETA).items()}
+    old, ref = trainer.weights.state(Role.OLD), dict(trainer.weights.ref.named_parameters())
     assert all(torch.equal(v, old[k]) for k, v in before.items())  # decay_type 0: θ_old is θ after each epoch
     assert not all(torch.equal(v, ref[k]) for k, v in before.items())  # θ moved away from the frozen base
     resumed, _ = run_tiny(tmp_path, finetune="full", **{"nft.kl_weight": 1e-2, "checkpoint.resume": "latest"})
-    assert resumed.step == 4 and all(torch.equal(v, resumed.weights.state("default")[k]) for k, v in before.items())
+    assert resumed.step == 4 and all(torch.equal(v, resumed.weights.state(Role.THETA)[k]) for k, v in before.items())
     assert all(math.isfinite(x) for x in loss_trace(tmp_path))
 
 
@@ -244,7 +245,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_rollout_noise_does_not_depend_on_batching():
-    from nftcore.trainer.loop import rollout_noise
+    from nftcore.trainer.seeding import rollout_noise
 
     whole = rollout_noise(3, 1, [0, 1, 2, 3], (4, 5))
     parts = torch.cat([rollout_noise(3, 1, [0, 1], (4, 5)), rollout_noise(3, 1, [2, 3], (4, 5))])

@@ -17,8 +17,8 @@ Deliberate differences from the official configs, each one flag away:
 - `model.finetune = "lora"` as Edit-R1; `--model.finetune=full --parallel.shard_transformer=true` trains every
   transformer weight instead (fp32 master weights and AdamW state sharded by FSDP2, bf16 compute; the reference has
   no full fine-tuning). The demo takes `--model.finetune=full` as is (one rank, or sharded by default on several).
-- `data.group_key = "sample_id"` (§11.3). Keying groups on the instruction text as the reference does
-  (`--data.group_key=instruction`) is not implemented yet and is rejected.
+- Groups and prompt bans are keyed on a stable sample id (instruction + source image), not on the instruction text
+  alone as the reference does, which merges images that share one (§11.3).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
         eval=EvalConfig(every=10, num_steps=15, solver="euler", batch_size=eval_batch_size, max_samples=0),
         # Each row's T5 / Qwen2.5-VL output on disk (≈1.3-2 MiB a row at 512²; host RAM on 8 ranks would hold it 8
         # times): encoded once, then read back; `python -m nftcore.precompute` fills it before the run.
-        data=DataConfig(path="data/edit-r1-dataset", num_workers=2, group_key="sample_id", cache_conditioning="disk"),
+        data=DataConfig(path="data/edit-r1-dataset", num_workers=2, cache_conditioning="disk"),
     )
 
 

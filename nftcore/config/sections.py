@@ -129,8 +129,8 @@ class SamplingConfig:
     guidance_scale: float | None = option(
         None, "Distilled-guidance value fed to FLUX.1-Kontext's guidance embedding (2.5 in Edit-R1); none for models "
               "without one.")
-    true_cfg_scale: float = option(1.0, "True classifier-free guidance (Qwen-Image-Edit); 1.0 turns it off, i.e. one "
-                                        "forward per step.")
+    true_cfg_scale: float = option(1.0, "True classifier-free guidance of the rollouts. Training supports only 1.0 "
+                                        "(Edit-R1 trains without it; `python -m nftcore.edit` has it for inference).")
 
     def problems(self) -> list[str]:
         return _failed({
@@ -144,7 +144,8 @@ class SamplingConfig:
                 self.resolution > 0 and self.resolution % 16 == 0,
             f"sampling.guidance_scale must be ≥ 0 or none, got {self.guidance_scale}":
                 self.guidance_scale is None or self.guidance_scale >= 0,
-            f"sampling.true_cfg_scale must be > 0, got {self.true_cfg_scale}": self.true_cfg_scale > 0,
+            f"sampling.true_cfg_scale = {self.true_cfg_scale}: training with true CFG (a negative-prompt branch) "
+            "is not implemented; Edit-R1 trains at 1.0": self.true_cfg_scale == 1.0,
         })
 
 
@@ -253,9 +254,7 @@ class OptimConfig:
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this before each step; 0 turns clipping off.")
     steps_per_epoch: int = option(4, "Optimizer steps per epoch; the epoch's micro-batches are split evenly among them "
                                      "(the rest is gradient accumulation).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = option(
-        "no", "Autocast dtype of the forwards: 'bf16' (Edit-R1) or 'no'. 'fp16' (DiffusionNFT's) needs a GradScaler, "
-              "which the trainer does not have yet, and is refused.")
+    mixed_precision: Literal["no", "bf16"] = option("no", "Autocast dtype of the forwards: 'bf16' (Edit-R1) or 'no'.")
     allow_tf32: bool = option(True, "Allow TF32 matmuls and convolutions on CUDA.")
 
     def problems(self) -> list[str]:
@@ -266,8 +265,6 @@ class OptimConfig:
             f"optim.eps must be > 0, got {self.eps}": self.eps > 0,
             f"optim.max_grad_norm must be ≥ 0, got {self.max_grad_norm}": self.max_grad_norm >= 0,
             f"optim.steps_per_epoch must be ≥ 1, got {self.steps_per_epoch}": self.steps_per_epoch >= 1,
-            "optim.mixed_precision='fp16' needs a GradScaler, which the trainer does not have yet; use 'bf16' "
-            "(Edit-R1's choice) or 'no'": self.mixed_precision != "fp16",
         })
 
 
@@ -398,16 +395,10 @@ class DataConfig:
     cache_dir: str = option("", "Folder of the 'disk' conditioning cache; empty is OUT/conditioning_cache. Entries of "
                                 "other models or resolutions sit beside each other, so one folder can serve many "
                                 "runs.")
-    group_key: Literal["sample_id", "instruction"] = option(
-        "sample_id", "What a group and a ban are keyed on: a stable sample id (instruction + source image), or the "
-                     "instruction text alone as the reference does, which merges images that share one (§11.3). "
-                     "Only 'sample_id' is implemented; 'instruction' is an error.")
 
     def problems(self) -> list[str]:
         return _failed({
             f"data.num_workers must be ≥ 0, got {self.num_workers}": self.num_workers >= 0,
-            "data.group_key='instruction' (the reference's keying) is not implemented yet; use 'sample_id'":
-                self.group_key == "sample_id",
             f"data.cache_dir={self.cache_dir!r} is used only by data.cache_conditioning='disk' (it is "
             f"{self.cache_conditioning!r}); set both or neither":
                 not self.cache_dir or self.cache_conditioning == "disk",
@@ -449,15 +440,13 @@ class TrainConfig:
             found += _failed({
                 f"sampling.num_steps × nft.timestep_fraction = {s.num_steps} × {self.nft.timestep_fraction} trains "
                 "0 timesteps per sample; raise either": self.train_timesteps >= 1,
-                "sampling.guidance_scale must be none for qwen_image (it has no guidance embedding; use "
-                "sampling.true_cfg_scale)": not (self.model.family == "qwen_image" and s.guidance_scale is not None),
+                "sampling.guidance_scale must be none for qwen_image (it has no guidance embedding)":
+                    not (self.model.family == "qwen_image" and s.guidance_scale is not None),
                 f"parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got "
                 f"{self.reward.backend!r}": not self.parallel.shard_reward_model or self.reward.backend == "local",
                 # The demo family's own limits: an error naming the key rather than a silently ignored value.
                 f"model.family='demo' cannot honour sampling.guidance_scale={s.guidance_scale}: the demo policy has "
                 "no guidance embedding; leave it unset": not demo or s.guidance_scale is None,
-                f"model.family='demo' cannot honour sampling.true_cfg_scale={s.true_cfg_scale}: the demo policy has "
-                "no unconditional branch; use 1.0": not demo or s.true_cfg_scale == 1.0,
                 f"model.family='demo' cannot honour data.path={self.data.path!r}: the demo family trains on its "
                 "embedded world; a dataset folder needs the flux or qwen_image family": not demo or not self.data.path,
             })

@@ -7,6 +7,12 @@ It lets the whole Edit-R1 loop (pretrain, rollouts, reward, NFT update) run on a
 - `verifier`: `verify(edited, tasks) -> [B]` in [0, 1], dense, against the ground-truth target.
 - `model`: `DemoPolicy`, the tiny pixel-patch FLUX MMDiT + text encoder the demo trains, and its shipped base
   checkpoint (`DemoPolicy.from_pretrained()`); `pretrain` (`python -m nftcore.demo.pretrain`) makes that checkpoint.
+- `family`: `DemoFamily`, the demo as the trainer's policy family (model.family = 'demo'), and `DemoReward`, the
+  verifier as a reward callable.
+- `showcase` and `plots`: what `python -m nftcore.train` adds around a demo run (base and final evaluation,
+  reward_curve.png, before_after.png).
+
+The trainer imports this package (for `DemoFamily`); nothing here imports the trainer.
 """
 
 from nftcore.demo.model import DemoConfig, DemoPolicy, DemoTextEncoder, pack_images, select_conditioning, unpack_images

@@ -45,7 +45,8 @@ from torch import nn
 from nftcore.demo.world import MAX_TOKENS, PAD_ID, VOCAB, tokenize_batch
 from nftcore.models import MMDiT, MMDiTConfig
 from nftcore.models.editing import FluxEditConditioning, VelocityFn, edit_velocity_fn
-from nftcore.sampling import flux_sigmas, sample as solve
+from nftcore.sampling import flux_sigmas
+from nftcore.sampling import sample as solve
 
 ASSET = Path(__file__).with_name("assets") / "demo_base.safetensors"
 """The shipped base checkpoint (`python -m nftcore.demo.pretrain` reproduces it)."""

@@ -139,18 +139,6 @@ def named_checkpoint(resume: str) -> Path:
                       "finish); pass a finished one, or 'latest'")
 
 
-def resolve_resume(resume: str, root: str | Path) -> Path | None:
-    """'' → None (fresh start); 'latest' → the newest complete checkpoint under `root` (None if there is none yet,
-    so a restarted job with --resume latest starts fresh the first time); otherwise the named folder, which must be a
-    complete checkpoint. Nothing is verified: `resume_from` does that."""
-    if not resume:
-        return None
-    if resume == "latest":
-        done = complete_checkpoints(root)
-        return done[-1] if done else None
-    return named_checkpoint(resume)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Saving
 

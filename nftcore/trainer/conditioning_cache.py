@@ -50,8 +50,8 @@ from typing import Any
 
 import torch
 
+from nftcore.family import cat_conditioning, index_conditioning
 from nftcore.models.editing import FluxEditConditioning, QwenEditConditioning
-from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
 from nftcore.trainer.distributed import DistEnv, all_reduce_max
 
 FORMAT = "nftcore-conditioning/1"

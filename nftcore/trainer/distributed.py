@@ -81,6 +81,14 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
+def current_env(device: torch.device) -> DistEnv:
+    """This process's place in the process group it has already joined (one process if none), computing on
+    `device`: for code handed a device rather than the trainer's `DistEnv`."""
+    if dist.is_available() and dist.is_initialized():
+        return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+    return DistEnv(device=device)
+
+
 def shutdown(env: DistEnv) -> None:
     """Leave the process group: barrier first, always (see the module docstring)."""
     if dist.is_available() and dist.is_initialized():
@@ -253,7 +261,7 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def broadcast_object(obj, env: DistEnv):
+def _broadcast_object(obj, env: DistEnv):
     """Rank 0's `obj` on every rank (picklable objects)."""
     if env.world_size == 1:
         return obj
@@ -283,9 +291,9 @@ def on_rank0(env: DistEnv, fn: Callable[[], Any]) -> Any:
             outcome = ("ok", fn())
         except BaseException as err:  # noqa: BLE001 - re-raised as soon as the others have been told
             outcome = ("error", type(err).__name__, str(err))
-            broadcast_object(outcome, env)
+            _broadcast_object(outcome, env)
             raise
-    outcome = broadcast_object(outcome, env)
+    outcome = _broadcast_object(outcome, env)
     if outcome[0] == "ok":
         return outcome[1]
     _, name, message = outcome

@@ -1,4 +1,4 @@
-"""The real editing families as a `PolicyFamily` (see `family.py`): FLUX.1-Kontext (model.family = 'flux') and
+"""The real editing families as a `PolicyFamily` (see `nftcore.family`): FLUX.1-Kontext (model.family = 'flux') and
 Qwen-Image-Edit / -2509 Plus ('qwen_image'), on the Edit-R1 dataset at `data.path`.
 
 The frozen parts and the policy `MMDiT` come from `nftcore.models.families` (loaded from the local diffusers
@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from nftcore.config import TrainConfig
-from nftcore.trainer.conditioning import cat_conditioning, index_conditioning
+from nftcore.family import MODEL_DTYPES, cat_conditioning, index_conditioning
+from nftcore.trainer.distributed import DistEnv, current_env
 
 KONTEXT_T5_TOKENS = 128  # Edit-R1's max_sequence_length for Kontext (the pipeline default is 512)
 QWEN_TEXT_TOKENS = 256  # Edit-R1's truncation of the Qwen2.5-VL hidden states after the template drop
@@ -56,9 +57,6 @@ def _check_pipeline(cfg: TrainConfig, folder: Path):
     from nftcore.models.checkpoint_io import read_config
 
     s = cfg.sampling
-    if s.true_cfg_scale != 1.0:
-        raise NotImplementedError(f"sampling.true_cfg_scale = {s.true_cfg_scale}: rollouts with true CFG (a "
-                                  "negative-prompt branch) are not implemented; Edit-R1 trains at 1.0")
     arch = read_config(folder / "transformer")
     if arch.family != cfg.model.family:
         raise ValueError(f"{folder}: its transformer is a {arch.family!r} model, but model.family = "
@@ -110,18 +108,6 @@ def _datasets(cfg: TrainConfig):
     return train, EditDataset(root, "test", resolution=cfg.sampling.resolution, on_error=on_error)
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 class EditFamily:
     """FLUX.1-Kontext or Qwen-Image-Edit(-2509) around the policy `MMDiT`; `self.model` is the
     `nftcore.models.families` object (frozen encoders, VAE, schedule).
@@ -129,19 +115,19 @@ class EditFamily:
     `load_transformer=False` builds the frozen parts only (`python -m nftcore.precompute`). With
     data.cache_conditioning = 'disk' and a valid-looking cache entry for every row of both splits, the text encoders
     are not loaded (nor sharded): `conditioning` loads them, whole and on this rank only, if an entry turns out
-    unusable after all."""
+    unusable after all. `env`: this rank's place (default: read from the process group, if any)."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device, *, load_transformer: bool = True):
+    def __init__(self, cfg: TrainConfig, device: torch.device, *, load_transformer: bool = True,
+                 env: DistEnv | None = None):
         from nftcore.models.families import KontextFamily, QwenImageEditFamily
 
         folder = pipeline_folder(cfg.model.path)
-        from nftcore.trainer.family import MODEL_DTYPES
-
+        self.env = env = env or current_env(device)
         dtype, size = MODEL_DTYPES[cfg.model.dtype], cfg.sampling.resolution
         arch = _check_pipeline(cfg, folder)  # before the weights: a bad config or dataset fails fast
         self.train_dataset, self.eval_dataset = _datasets(cfg)
         self.identity = self._identity(cfg, folder)
-        text = not self._conditioning_cached(cfg, device)
+        text = not self._conditioning_cached(cfg)
         if cfg.model.family == "flux":
             self.model = KontextFamily.from_pretrained(folder, dtype=dtype, device=device, auto_resize=False,
                                                        max_sequence_length=KONTEXT_T5_TOKENS,
@@ -155,13 +141,13 @@ class EditFamily:
         self.transformer = self.model.transformer
         if self.transformer is not None:
             self.transformer.requires_grad_(False)
-        self.text_encoders_sharded = text and cfg.parallel.shard_text_encoder and _world_size() > 1
+        self.text_encoders_sharded = text and cfg.parallel.shard_text_encoder and env.world_size > 1
         if self.text_encoders_sharded:
             from nftcore.trainer.inference_sharding import shard_text_encoders
 
             names = shard_text_encoders(self.model, device)
-            if _rank() == 0:
-                print(f"# text encoder(s) {', '.join(names)}: FSDP2-sharded over {_world_size()} ranks", flush=True)
+            if env.is_main:
+                print(f"# text encoder(s) {', '.join(names)}: FSDP2-sharded over {env.world_size} ranks", flush=True)
         self.size = size
         self.grid = self.model.target_grid(size, size)  # (rows, cols) of target tokens
         self.in_channels = arch.in_channels
@@ -182,17 +168,15 @@ class EditFamily:
     def conditioning_identity(self) -> dict[str, Any]:
         return dict(self.identity)
 
-    def _conditioning_cached(self, cfg: TrainConfig, device: torch.device) -> bool:
+    def _conditioning_cached(self, cfg: TrainConfig) -> bool:
         """Whether the disk cache has an entry for every row of both splits (agreed over ranks)."""
         if cfg.data.cache_conditioning != "disk":
             return False
         from nftcore.trainer.conditioning_cache import cache_is_complete, directory_of, identity_of
-        from nftcore.trainer.distributed import DistEnv
 
-        env = DistEnv(rank=_rank(), world_size=_world_size(), device=device)
         directory = directory_of(cfg)
-        done = cache_is_complete(directory, identity_of(self), [self.train_dataset, self.eval_dataset], env)
-        if done and _rank() == 0:
+        done = cache_is_complete(directory, identity_of(self), [self.train_dataset, self.eval_dataset], self.env)
+        if done and self.env.is_main:
             rows = len(self.train_dataset) + (len(self.eval_dataset) if self.eval_dataset is not None else 0)
             print(f"# conditioning cache: all {rows} rows found in {directory}; the text encoder(s) are not loaded",
                   flush=True)
@@ -204,7 +188,7 @@ class EditFamily:
 
     def conditioning(self, samples):
         if not self.model.text_encoders_loaded:
-            print(f"# conditioning cache: rank {_rank()} needs rows the cache lacks; loading the text encoder(s) "
+            print(f"# conditioning cache: rank {self.env.rank} needs rows the cache lacks; loading the text encoder(s) "
                   "(whole, on this rank)", flush=True)
         with torch.no_grad():
             return self.model.conditioning([s.image for s in samples], [s.prompt for s in samples],

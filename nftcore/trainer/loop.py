@@ -1,5 +1,16 @@
 """The Edit-R1 / DiffusionNFT training loop: rollouts → rewards → advantages and filter → NFT update → old policy.
 
+`Trainer.run_epoch` is the algorithm, one phase per line; each phase hands the next a small typed value:
+
+    rollout(epoch)            → `Rollouts`        this rank's G·K/ranks edits sampled with θ_old, scored (`rollout`)
+    advantages(epoch, ...)    → `AdvantageStats`  r, the filter's survivors, reward statistics (`advantages`)
+    train_epoch(...)            optimizer steps: `accumulate` → `StepTerms` (`step_terms`), `optimizer_step`
+    update_old_policy()       → η                 θ_old's soft update towards θ
+    periodic_eval(epoch)                          the EMA model on the eval split, every eval.every epochs
+
+The policies are named by `roles.Role` (θ, θ_old, the reference) and held by a weights strategy (`weights`: LoRA
+adapters or full copies); per-sample random draws come from `seeding`.
+
 One epoch, with these deliberate departures from the reference:
 
 - **Per-sample seeding.** Every random draw (rollout noise, training timesteps, training noise, the training order)
@@ -19,10 +30,11 @@ One epoch, with these deliberate departures from the reference:
 - Rollouts are sampled with the "old" adapter; conditioning is computed once per rollout batch and kept for training.
 
 Per optimizer step: for each micro-batch and each of its T_train slots, every sample noises its clean latent at its
-own sampler σ, three velocities are taken (old: no grad, "old" adapter; reference: adapters disabled, skipped when
-kl_weight = 0; θ: with grad, "default" adapter, last, so activation checkpointing recomputes under "default"),
-`nft_loss` → backward. Then grad clipping, AdamW on the trainable parameters, EMA. A non-finite loss or gradient norm
-skips the step (counted); `max_nan_steps` in a row stop the run. After the epoch the old adapter is soft-updated.
+own sampler σ, three velocities are taken (θ_old: no grad, "old" adapter; reference: adapters disabled, skipped
+when kl_weight = 0; θ: with grad, "default" adapter, last, so activation checkpointing recomputes under "default"),
+`nft_loss` → backward; the step's logged terms add up on the device (`step_terms.StepSums`). Then grad clipping,
+AdamW on the trainable parameters, EMA. A non-finite loss or gradient norm skips the step (counted);
+`max_nan_steps` in a row stop the run. After the epoch the old adapter is soft-updated.
 """
 
 from __future__ import annotations
@@ -41,78 +53,49 @@ import torch
 
 from nftcore.config import ConfigError, TrainConfig, batch_plan, config_to_toml
 from nftcore.config.batching import even_split
-from nftcore.config.errors import UnsupportedConfigError
-from nftcore.data import ImageDecodeError, derive_seed
-from nftcore.nft import EMA, OldPolicySchedule, PromptBan, low_variance_filter, rewards_to_optimality
+from nftcore.family import PolicyFamily
+from nftcore.nft import EMA, OldPolicySchedule, PromptBan
 from nftcore.ops import nft_loss
-from nftcore.reward.base import format_error_summary, summarize_errors
+from nftcore.reward.base import format_error_summary
 from nftcore.sampling import sample as solve
 from nftcore.trainer import checkpoint as ckpt
+from nftcore.trainer.advantages import AdvantageStats, epoch_advantages
 from nftcore.trainer.distributed import (
     DistEnv,
     all_gather_cat,
     all_reduce_max,
-    all_reduce_sum,
     average_gradients,
     barrier,
     init_distributed,
     loss_scale_for_reduction,
     weights_held,
 )
-from nftcore.trainer.family import PolicyFamily, build_family, build_reward, build_weights, judge_is_sharded
+from nftcore.trainer.errors import NonFiniteLossError
+from nftcore.trainer.family import build_family
 from nftcore.trainer.metrics import MetricsLogger
 from nftcore.trainer.perf import FlopCounter, peak_memory_gb, reset_peak_memory, throughput
+from nftcore.trainer.rewards import build_reward, judge_is_sharded
+from nftcore.trainer.roles import EvalWeights, Role
+from nftcore.trainer.rollout import IMAGE_ROWS, Rollouts, RolloutWorker
+from nftcore.trainer.seeding import generator, rollout_noise, sample_timesteps, sample_train_noise
+from nftcore.trainer.step_terms import PassVelocities, StepSums, StepTerms
 from nftcore.trainer.trackers import build_trackers
+from nftcore.trainer.weights import build_weights
 
 MAX_NAN_STEPS = 3
 """Non-finite steps in a row before the run stops: one is a fluke worth skipping, several mean diverged weights."""
-EPOCH_STATS = ("reward_mean", "reward_std", "valid_samples", "filtered_fraction", "invalid_rewards", "dropped_groups",
-               "nonfinite_rollouts", "unreadable_images")
-"""The epoch's reward statistics written to OUT/epochs.jsonl."""
-IMAGE_ROWS = 16
-"""Rollouts (from whole rollout batches) in a `metrics.image_every` grid: enough to judge, small enough to look at."""
-
-# ----------------------------------------------------------------------------------------------------------------
-# Per-sample random draws (see the module docstring)
-
-
-def _generator(*parts: int | str) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(*parts))
-
-
-def rollout_noise(seed: int, epoch: int, indices: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """[B, *shape] starting noise, one generator per global sample index."""
-    return torch.stack([torch.randn(shape, generator=_generator(seed, epoch, g, "rollout")) for g in indices])
-
-
-def sample_timesteps(seed: int, epoch: int, g: int, num_steps: int, t_train: int) -> torch.Tensor:
-    """The sampler-step indices sample `g` trains on: a random `t_train` of `num_steps`, in random order (§1.4)."""
-    return torch.randperm(num_steps, generator=_generator(seed, epoch, g, "timesteps"))[:t_train]
-
-
-def sample_train_noise(seed: int, epoch: int, g: int, t_train: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """[t_train, *shape] fresh noise for sample `g`'s training timesteps (not the rollout's noise, §1.2)."""
-    return torch.randn((t_train, *shape), generator=_generator(seed, epoch, g, "train-noise"))
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
-class Rollouts:
-    """This rank's share of one epoch: clean latents, their conditioning, and the epoch-wide reward outcome."""
+class VelocityFns:
+    """The velocity functions `fn(x, sigma)` of one (stacked) conditioning: θ, θ_old, the reference (None when
+    kl_weight = 0: not run), and, for LoRA with a KL term, θ_old and the reference fused into one forward over
+    [rows; rows] (exact against two forwards; `Trainer.fuse_old_and_ref`)."""
 
-    indices: list[int]  # global sample indices, ascending
-    latents: torch.Tensor  # [n, N, C]
-    cond: Any  # the family's conditioning for the n samples
-    scores: torch.Tensor  # [n] float32, NaN where invalid
-    valid: torch.Tensor  # [n] bool
-    finite: torch.Tensor  # [n] bool: the rollout itself is finite (False: the policy diverged; never scored)
-    unreadable: torch.Tensor  # [n] bool: the source image failed to decode (data.bad_lines=skip; a stand-in ran)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
+    theta: Callable
+    old: Callable
+    ref: Callable | None = None
+    old_and_ref: Callable | None = None
 
 
 class Trainer:
@@ -136,30 +119,23 @@ class Trainer:
         self.env = env or init_distributed(cfg)
         cfg.check_world_size(self.env.world_size)
         self.plan = batch_plan(cfg, self.env.world_size)
-        if cfg.parallel.shard_text_encoder and self.env.world_size > 1 and cfg.model.family == "demo":
-            raise UnsupportedConfigError("parallel.shard_text_encoder=true: the demo's text encoder is part of its "
-                                         "tiny policy and always replicated; run with "
-                                         "--parallel.shard_text_encoder=false")
         if self.env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.optim.allow_tf32
         torch.manual_seed(cfg.run.seed)
-        self.family = family or build_family(cfg, self.env.device)
+        self.family = family or build_family(cfg, self.env.device, env=self.env)
         self.reward_fn = reward_fn or build_reward(cfg, self.family, self.env)
         self.score_in_step = judge_is_sharded(cfg, self.env)
         self.loss_fn, self.max_nan_steps = loss_fn, max_nan_steps
         self.model = self.family.transformer
-        self.weights = build_weights(self.family, cfg, _generator(cfg.run.seed, "lora-init"))
+        self.weights = build_weights(self.family, cfg, generator(cfg.run.seed, "lora-init"))
         self.weights.place(self.env, cfg)  # activation checkpointing, FSDP2, full fine-tuning's fp32 masters
         self.params = self.weights.trainable()
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
-        self.ema = EMA(self.weights.state("default"), decay=cfg.nft.ema_decay)
+        self.ema = EMA(self.weights.state(Role.THETA), decay=cfg.nft.ema_decay)
         self.old_schedule = OldPolicySchedule.preset(cfg.nft.decay_type)
         self.ban = PromptBan(cfg.filter.mean_threshold, cfg.filter.std_threshold)
         self.sigmas = self.family.sigmas(cfg.sampling.num_steps)
-        if cfg.optim.mixed_precision == "fp16":
-            raise UnsupportedConfigError("optim.mixed_precision='fp16' needs a GradScaler, which the trainer does "
-                                         "not have yet; use 'bf16' (Edit-R1's choice) or 'no'")
         self.eval_rewards: list[tuple[int, float]] = []
         self.last_eval: tuple[int, float, torch.Tensor] | None = None  # (epochs done, reward, rank's images)
         self.step = self.epoch = 0
@@ -170,7 +146,7 @@ class Trainer:
         self.flops = FlopCounter(self.weights.models())
         self.epoch_rewards: list[float] = []
         self._stop_requested = False
-        self._unreadable_ids: set[str] = set()  # sample ids whose image failed to decode (warned once each)
+        self.rollout_worker = RolloutWorker(self)
         from nftcore.trainer.conditioning_cache import ConditioningCache  # data.cache_conditioning; 'off': as is
         self.conditioning = ConditioningCache.for_run(cfg, self.family, self.env, metrics=self.metrics)
 
@@ -246,42 +222,25 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ epoch
 
     def run_epoch(self, epoch: int) -> None:
-        cfg, env = self.cfg, self.env
-        reset_peak_memory(env.device)
+        """One epoch of the algorithm (see the module docstring), then its summary line and epochs.jsonl row."""
+        reset_peak_memory(self.env.device)
         self.flops.take()  # drop whatever ran since (an evaluation)
         t0 = time.perf_counter()
-        rollouts, reward_time = self.rollout(epoch)
+        rollouts = self.rollout(epoch)  # 1. G·K edits sampled with θ_old, scored by the judge
         t1 = time.perf_counter()
-        stats = self.advantages(epoch, rollouts)
-        self.epoch_rewards.append(stats["reward_mean"])
-        times = {"time_rollout": t1 - t0 - reward_time, "time_reward_wait": reward_time,
-                 "rollout_samples_per_s_per_rank": len(rollouts.indices) / max(t1 - t0, 1e-9)}
-        rollout = throughput(self.flops.take(), times["time_rollout"], env.device)
-        times.update(rollout_tflops=rollout["tflops"], rollout_mfu=rollout["mfu"])
-        self.train_epoch(epoch, rollouts, stats, times)
+        stats = self.advantages(epoch, rollouts)  # 2. r and the low-variance filter over the whole epoch
+        self.epoch_rewards.append(stats.reward_mean)
+        times = self._rollout_times(rollouts, t1 - t0)
+        self.train_epoch(epoch, rollouts, stats, times)  # 3. optimizer steps on the surviving samples
         t2 = time.perf_counter()
-        eta = self.old_schedule.update(self.weights.state("old"), self.weights.state("default"), self.step)
-        # The epoch's samples per rank per second, rollouts to old-policy update (the unit peers publish:
-        # samples/card/s); evaluation is not part of it.
-        seconds = time.perf_counter() - t0
-        per_rank = self.plan.samples_per_epoch / env.world_size / seconds
-        self.metrics.log_epoch({
-            "epoch": epoch, "step": self.step, **{k: stats[k] for k in EPOCH_STATS}, "old_policy_eta": eta,
-            "time_rollout": times["time_rollout"], "time_reward_wait": times["time_reward_wait"],
-            "time_update": t2 - t1, "time_epoch": seconds, "samples_per_s_per_rank": per_rank,
-            "rollout_samples_per_s_per_rank": times["rollout_samples_per_s_per_rank"],
-            "peak_memory_gb": peak_memory_gb(env.device)})
-        every = cfg.eval.every
+        eta = self.update_old_policy()  # 4. θ_old moves towards θ
+        summary = self._epoch_summary(epoch, stats, times, eta, update=t2 - t1, seconds=time.perf_counter() - t0)
+        self.metrics.log_epoch(summary)
+        every = self.cfg.eval.every
         if every and (epoch + 1) % every == 0:
-            self.periodic_eval(epoch)
-        self.metrics.info(f"epoch {epoch}: reward {stats['reward_mean']:.4f} ± {stats['reward_std']:.4f} over "
-                          f"{stats['valid_samples']} samples, filtered {stats['filtered_fraction']:.2f}, "
-                          f"dropped groups {stats['dropped_groups']}, old-policy η {eta:.3f}, "
-                          f"{per_rank:.3g} samples/s/rank, {time.perf_counter() - t0:.1f} s")
-        if self._reward_errors:
-            rank = f" (rank {env.rank})" if env.world_size > 1 else ""
-            self.metrics.warn(f"epoch {epoch}{rank}: {format_error_summary(self._reward_errors)}", every_rank=True)
-        barrier(env)
+            self.periodic_eval(epoch)  # 5. the EMA model on the eval split
+        self._report_epoch(epoch, stats, rollouts, summary, time.perf_counter() - t0)
+        barrier(self.env)
 
     def epoch_groups(self, epoch: int) -> list[int]:
         """Dataset indices of this epoch's G groups (banned prompts excluded when the ban is on)."""
@@ -294,75 +253,18 @@ class Trainer:
                                "low-variance rule; lower sampling.groups_per_epoch or turn filter.ban_prompts off)"
                                ) from err
 
-    @torch.no_grad()
-    def rollout(self, epoch: int) -> tuple[Rollouts, float]:
-        """Sample this rank's share of the epoch with the old adapter and score it; return (rollouts, seconds spent
-        waiting for rewards).
+    def rollout(self, epoch: int) -> Rollouts:
+        """This rank's share of the epoch, sampled with θ_old and scored (`rollout.RolloutWorker`)."""
+        return self.rollout_worker.run(epoch, self.epoch_groups(epoch))
 
-        Scoring runs on one worker thread, so batch i is judged (an HTTP round trip, an MLLM forward) while batch
-        i + 1 is sampled; results are collected in order, so the overlap changes no number. A sharded judge
-        (`parallel.shard_reward_model`) scores on this thread instead, after the last rollout batch, the rank's whole
-        share in one call: its forwards are collectives, which must come in the same order on every rank as the
-        rollouts' own (see `inference_sharding`), and each call gathers every layer once, so one call over whole
-        groups gathers the judge fewest times and shares each group's prefix across all its edits."""
-        from concurrent.futures import ThreadPoolExecutor
+    def advantages(self, epoch: int, rollouts: Rollouts) -> AdvantageStats:
+        """r, the low-variance filter and the prompt ban over the whole epoch (`advantages.epoch_advantages`)."""
+        return epoch_advantages(epoch, rollouts, self.cfg, self.env, ban=self.ban,
+                                dataset=self.family.train_dataset, log=self.metrics.info)
 
-        cfg, env, fam = self.cfg, self.env, self.family
-        k = cfg.sampling.group_size
-        groups = self.epoch_groups(epoch)
-        self._groups = groups
-        mine = self.plan.rank_samples(env.rank)
-        calls = self.plan.rollout_batches(env.rank)
-        latents, conds, futures, shown, finite, unreadable = [], [], [], [], [], []
-        every = cfg.metrics.image_every
-        show = env.is_main and every > 0 and (epoch + 1) % every == 0
-        with contextlib.ExitStack() as stack:
-            pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward"))
-            deferred: list[tuple[torch.Tensor, list]] = []  # (edited, samples) for a sharded judge
-            row = self._row_reader([groups[g // k] for g in mine], stack)
-            bar = stack.enter_context(self.metrics.progress(f"epoch {epoch} rollout", len(calls)))
-            stack.enter_context(self.weights_held("phase"))
-            for indices in calls:
-                padding = not indices  # this rank's share left the call empty: run it anyway (collectives), drop it
-                indices = indices or mine[:1]
-                samples, readable = zip(*(self._read(row, groups[g // k], g) for g in indices))
-                cond = self.conditioning(samples, [groups[g // k] for g in indices], "train", readable)
-                noise = rollout_noise(cfg.run.seed, epoch, indices, fam.latent_shape).to(env.device)
-                with self.autocast(), self.weights_held("batch"):
-                    x0 = solve(self.weights.velocity(cond, "old"), noise, self.sigmas, solver=cfg.sampling.solver)
-                if padding:
-                    bar.advance()
-                    continue
-                finite.append(torch.isfinite(x0.flatten(1)).all(dim=1).cpu())
-                unreadable.append(~torch.tensor(readable))
-                # A diverged policy's NaN rollout is an invalid sample, never a picture handed to the judge.
-                edited = torch.nan_to_num(fam.decode(torch.where(finite[-1].to(x0.device).view(-1, 1, 1), x0, 0.0)))
-                edited = edited.cpu()
-                if self.score_in_step:
-                    deferred.append((edited, samples))
-                else:
-                    futures.append(pool.submit(self._score, edited, samples))
-                if show and sum(len(e) for _, e in shown) < IMAGE_ROWS:
-                    shown.append((fam.source_images(samples).cpu(), edited))
-                latents.append(x0)
-                conds.append(cond)
-                bar.advance()
-            waited = time.perf_counter()
-            if self.score_in_step:
-                results = [self._score(torch.cat([e for e, _ in deferred]), [s for _, ss in deferred for s in ss])]
-            else:
-                results = [f.result() for f in futures]
-            waited = time.perf_counter() - waited
-        if shown:
-            self.metrics.log_images("rollouts", self.step, Path(cfg.run.out) / "images" / f"epoch-{epoch:06d}.png",
-                                    torch.cat([s for s, _ in shown]), torch.cat([e for _, e in shown]))
-        scores = torch.cat([r.scores.float() for r in results])
-        finite = torch.cat(finite)
-        unreadable = torch.cat(unreadable)
-        self._reward_errors = summarize_errors(results)  # this rank's, logged with the epoch's line
-        valid = torch.cat([r.valid & torch.isfinite(r.scores) for r in results]) & finite & ~unreadable
-        rollouts = Rollouts(mine, torch.cat(latents), fam.cat_conditioning(conds), scores, valid, finite, unreadable)
-        return rollouts, waited
+    def update_old_policy(self) -> float:
+        """θ_old ← η·θ_old + (1 − η)·θ after the epoch, η from `nft.decay_type`'s schedule; returns η."""
+        return self.old_schedule.update(self.weights.state(Role.OLD), self.weights.state(Role.THETA), self.step)
 
     def weights_held(self, scope: str):
         """The policy's FSDP2 weights gathered once for the whole `scope` ('batch': one rollout or evaluation call;
@@ -372,92 +274,46 @@ class Trainer:
             return contextlib.nullcontext()
         return weights_held(self.weights.models())
 
-    def _row_reader(self, rows: list[int], stack: contextlib.ExitStack) -> Callable[[int], Any]:
-        """`read(i)` for the train dataset's rows `rows`. With data.num_workers > 0 every distinct row is submitted
-        now to that many threads, so image decoding overlaps the rollouts and a group's K samples share one read;
-        with 0 rows are read on demand."""
-        dataset, workers = self.family.train_dataset, self.cfg.data.num_workers
-        if workers == 0:
-            return dataset.__getitem__
-        from concurrent.futures import ThreadPoolExecutor
+    def _rollout_times(self, rollouts: Rollouts, seconds: float) -> dict[str, float]:
+        """The rollout phase's times and throughput, logged with every step of the epoch."""
+        sampling = seconds - rollouts.reward_wait
+        rollout = throughput(self.flops.take(), sampling, self.env.device)
+        return {"time_rollout": sampling, "time_reward_wait": rollouts.reward_wait,
+                "rollout_samples_per_s_per_rank": len(rollouts.indices) / max(seconds, 1e-9),
+                "rollout_tflops": rollout["tflops"], "rollout_mfu": rollout["mfu"]}
 
-        pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="data"))
-        pending = {i: pool.submit(dataset.__getitem__, i) for i in dict.fromkeys(rows)}
-        return lambda i: pending[i].result()
+    def _epoch_summary(self, epoch: int, stats: AdvantageStats, times: dict[str, float], eta: float, *,
+                       update: float, seconds: float) -> dict[str, Any]:
+        """The epochs.jsonl row. Samples per rank per second count rollouts to old-policy update (the unit peers
+        publish: samples/card/s); evaluation is not part of it."""
+        env = self.env
+        return {"epoch": epoch, "step": self.step, **stats.logged(), "old_policy_eta": eta,
+                "time_rollout": times["time_rollout"], "time_reward_wait": times["time_reward_wait"],
+                "time_update": update, "time_epoch": seconds,
+                "samples_per_s_per_rank": self.plan.samples_per_epoch / env.world_size / seconds,
+                "rollout_samples_per_s_per_rank": times["rollout_samples_per_s_per_rank"],
+                "peak_memory_gb": peak_memory_gb(env.device)}
 
-    def _read(self, read: Callable[[int], Any], row: int, sample: int, dataset=None) -> tuple[Any, bool]:
-        """(row `row`, True); with data.bad_lines=skip an image that fails to decode gives (a grey stand-in, False):
-        the sample still runs, so every rank makes the same calls, and its group is dropped for the epoch."""
-        try:
-            return read(row), True
-        except ImageDecodeError as err:
-            if self.cfg.data.bad_lines != "skip":
-                raise
-            dataset = dataset or self.family.train_dataset
-            if err.sample_id not in self._unreadable_ids:
-                self._unreadable_ids.add(err.sample_id)
-                self.metrics.warn(f"{err} (data.bad_lines=skip: dropped from every epoch that draws it, counted as "
-                                  "unreadable_images)", every_rank=True)
-            return dataset.placeholder(err.index if err.index is not None else row), False
-
-    def _score(self, edited: torch.Tensor, samples: list) -> Any:
-        fam = self.family
-        result = self.reward_fn(edited, fam.source_images(samples).cpu(), [s.prompt for s in samples],
-                                [fam.reward_metadata(s) for s in samples])
-        if len(result) != len(samples):
-            raise ValueError(f"reward returned {len(result)} scores for {len(samples)} samples")
-        return result
-
-    def advantages(self, epoch: int, rollouts: Rollouts) -> dict[str, Any]:
-        """Gather the epoch's rewards from every rank; drop invalid groups; r, filter and ban over the whole epoch."""
-        cfg, env = self.cfg, self.env
-        k = cfg.sampling.group_size
-        scores = all_gather_cat(rollouts.scores, env)
-        valid = all_gather_cat(rollouts.valid, env)
-        diverged = int((~all_gather_cat(rollouts.finite, env)).sum())
-        unreadable = int(all_gather_cat(rollouts.unreadable, env).sum())
-        total = scores.numel()
-        group = torch.arange(total) // k
-        group_ok = valid.view(-1, k).all(dim=1)
-        dropped = int((~group_ok).sum())
-        if diverged:
-            self.metrics.info(f"epoch {epoch}: {diverged} of {total} rollouts are not finite (NaN/inf latents); "
-                              "their groups are dropped")
-        if diverged and not bool(group_ok.any()):
-            raise NonFiniteLossError(
-                f"epoch {epoch}: {diverged} of {total} rollouts are not finite and no group is left: the policy's "
-                f"weights have diverged. Likely causes: a learning rate too high (optim.lr = {cfg.optim.lr:g}), no "
-                f"gradient clipping (optim.max_grad_norm = {cfg.optim.max_grad_norm:g}), or fp16 overflow; resume "
-                "from the last checkpoint with a lower optim.lr")
-        if not bool(group_ok.any()):
-            raise RuntimeError(f"epoch {epoch}: every one of the {group_ok.numel()} groups has an invalid reward "
-                               f"({int((~valid).sum())} of {total} samples invalid); is the reward backend "
-                               f"({cfg.reward.backend}) reachable and working?")
-        sel = group_ok[group]
-        r_sel, _ = rewards_to_optimality(scores[sel], group[sel], adv_clip_max=cfg.nft.adv_clip_max,
-                                         global_std=cfg.nft.global_std, singleton=cfg.nft.singleton)
-        keep_sel, filtered = low_variance_filter(scores[sel], group[sel], mean_threshold=cfg.filter.mean_threshold,
-                                                 std_threshold=cfg.filter.std_threshold, rule=cfg.filter.rule)
-        if cfg.filter.ban_prompts:
-            ids = self.family.train_dataset.sample_ids
-            self.ban.update(scores[sel], group[sel], [ids[self._groups[int(gi)]] for gi in group[sel]])
-        r = torch.zeros(total, dtype=r_sel.dtype)
-        r[sel] = r_sel
-        train = torch.zeros(total, dtype=torch.bool)
-        train[sel] = keep_sel
-        good = scores[sel].double()
-        return {"r": r, "train": train, "reward_mean": float(good.mean()), "reward_std": float(good.std(correction=0)),
-                "filtered_fraction": filtered, "invalid_rewards": int((~valid).sum()), "dropped_groups": dropped,
-                "nonfinite_rollouts": diverged, "unreadable_images": unreadable,
-                "valid_samples": int(sel.sum())}
+    def _report_epoch(self, epoch: int, stats: AdvantageStats, rollouts: Rollouts, summary: dict[str, Any],
+                      seconds: float) -> None:
+        self.metrics.info(f"epoch {epoch}: reward {stats.reward_mean:.4f} ± {stats.reward_std:.4f} over "
+                          f"{stats.valid_samples} samples, filtered {stats.filtered_fraction:.2f}, "
+                          f"dropped groups {stats.dropped_groups}, old-policy η {summary['old_policy_eta']:.3f}, "
+                          f"{summary['samples_per_s_per_rank']:.3g} samples/s/rank, {seconds:.1f} s")
+        if rollouts.reward_errors:
+            rank = f" (rank {self.env.rank})" if self.env.world_size > 1 else ""
+            self.metrics.warn(f"epoch {epoch}{rank}: {format_error_summary(rollouts.reward_errors)}", every_rank=True)
 
     # ------------------------------------------------------------------------------------------------ update
 
-    def train_epoch(self, epoch: int, rollouts: Rollouts, stats: dict[str, Any], times: dict[str, float]) -> None:
+    def train_epoch(self, epoch: int, rollouts: Rollouts, stats: AdvantageStats, times: dict[str, float]) -> None:
+        """The epoch's optimizer steps: the survivors, shuffled alike on every rank, split evenly into
+        optim.steps_per_epoch chunks; per chunk `accumulate` and `optimizer_step`, and one metrics row."""
         cfg, env = self.cfg, self.env
-        survivors = torch.nonzero(stats["train"]).flatten()
-        survivors = survivors[torch.randperm(survivors.numel(), generator=_generator(cfg.run.seed, epoch, "order"))]
+        survivors = torch.nonzero(stats.train).flatten()
+        survivors = survivors[torch.randperm(survivors.numel(), generator=generator(cfg.run.seed, epoch, "order"))]
         chunks = torch.tensor_split(survivors, cfg.optim.steps_per_epoch)
+        rewards = {k: v for k, v in stats.logged().items() if k != "valid_samples"}
         with self.metrics.progress(f"epoch {epoch} update", len(chunks)) as bar:
             for chunk in chunks:
                 if chunk.numel() == 0:
@@ -466,24 +322,20 @@ class Trainer:
                     continue
                 self.flops.take()
                 t0 = time.perf_counter()
-                sums = self.accumulate(epoch, rollouts, stats["r"], chunk.tolist())
-                row = self.optimizer_step(sums)
+                terms = self.accumulate(epoch, rollouts, stats.r, chunk.tolist())
+                row = self.optimizer_step(terms)
                 dt = time.perf_counter() - t0
-                row = {"epoch": epoch, "step": self.step, **row, "reward_mean": stats["reward_mean"],
-                       "reward_std": stats["reward_std"], "filtered_fraction": stats["filtered_fraction"],
-                       "invalid_rewards": stats["invalid_rewards"], "dropped_groups": stats["dropped_groups"],
-                       "nonfinite_rollouts": stats["nonfinite_rollouts"],
-                       "unreadable_images": stats["unreadable_images"],
-                       "banned_prompts": len(self.ban), "trained_samples": chunk.numel(),
-                       "samples_per_s": chunk.numel() / dt,
+                row = {"epoch": epoch, "step": self.step, **row, **rewards, "banned_prompts": len(self.ban),
+                       "trained_samples": chunk.numel(), "samples_per_s": chunk.numel() / dt,
                        "samples_per_s_per_rank": chunk.numel() / dt / env.world_size,
                        **throughput(self.flops.take(), dt, env.device),
                        **times, "time_train": dt, "peak_memory_gb": peak_memory_gb(env.device)}
                 self.metrics.log_step(row)
                 bar.advance()
 
-    def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> torch.Tensor:
-        """Forward/backward of one optimizer step's samples; return the global sums of the logged loss terms.
+    def accumulate(self, epoch: int, rollouts: Rollouts, r_global: torch.Tensor, chunk: list[int]) -> StepTerms:
+        """Forward/backward of one optimizer step's samples (global indices `chunk`); return its logged terms, summed
+        over every rank.
 
         A micro-batch's T_train timesteps go through the model `nft.timestep_chunk` at a time as stacked rows
         (timestep-major: row j·B + b is sample b at its j-th timestep), each row with its own σ, noise, r and
@@ -500,7 +352,7 @@ class Trainer:
         mine = [g - first for g, owner in zip(chunk, owners) if owner == env.rank]  # local positions
         denom = len(chunk) * t_train
         reduce_scale = loss_scale_for_reduction(env)
-        sums = torch.zeros(5, dtype=torch.float64, device=env.device)
+        sums = StepSums(env.device, reference=cfg.nft.kl_weight > 0)
         grid = self.sigmas[:-1].to(torch.float32)
         shape = tuple(fam.latent_shape)
         for local in even_split(mine, micro_batches):  # the same count on every rank, each ≤ sampling.batch_size
@@ -516,17 +368,12 @@ class Trainer:
                                                   t_train) for i in local])  # [B, T]
             noise = torch.stack([sample_train_noise(cfg.run.seed, epoch, rollouts.indices[i], t_train, shape)
                                  for i in local])  # [B, T, N, C]
-            velocities: dict[int, dict[str, Callable]] = {}  # by rows per pass (the last pass may be shorter)
+            velocities: dict[int, VelocityFns] = {}  # by rows per pass (the last pass may be shorter)
             for j0 in range(0, t_train, per_pass):
                 js = list(range(j0, min(j0 + per_pass, t_train)))
                 rows = len(js)
                 if rows not in velocities:
-                    stacked = cond if rows == 1 else fam.index_conditioning(cond, torch.arange(batch).repeat(rows))
-                    velocities[rows] = {which: self.weights.velocity(stacked, which)
-                                        for which in ("default", "old", "ref")}
-                    if self.fuse_old_and_ref and self.weights.kind == "lora" and cfg.nft.kl_weight > 0:
-                        doubled = fam.index_conditioning(cond, torch.arange(batch).repeat(2 * rows))
-                        velocities[rows]["old+ref"] = self.weights.old_and_ref_velocity(doubled)
+                    velocities[rows] = self.velocity_fns(cond, batch, rows)
                 t = grid[steps[:, js].T.reshape(-1)].to(env.device)  # [rows·B]
                 eps = noise[:, js].transpose(0, 1).reshape(rows * batch, *shape).to(env.device, x0.dtype)
                 x0_rows = x0.repeat(rows, *([1] * (x0.dim() - 1)))
@@ -535,38 +382,52 @@ class Trainer:
                 mask = torch.full((rows * batch,), weight, device=env.device)
                 scale = weight * rows * batch / denom  # = mask.sum() / denom, known without asking the device
                 try:
-                    out = self.nft_terms(velocities[rows], x_t, x0_rows, t, r.repeat(rows), mask)
+                    out, v = self.nft_terms(velocities[rows], x_t, x0_rows, t, r.repeat(rows), mask)
                     (out.loss * (scale * reduce_scale)).backward()
                 except torch.OutOfMemoryError as err:
                     raise _rows_do_not_fit(err, rows, batch, per_pass, t_train) from err
-                terms = torch.stack([out.loss, out.policy_loss, out.kl_loss, out.old_deviate, out.x0_norm])
-                sums += terms.detach().double() * scale
-        return all_reduce_sum(sums.cpu(), env)
+                sums.add_loss(out, scale)
+                if weight:
+                    sums.add_diagnostics(x0, v, rows)
+        return sums.total(env)
 
-    def nft_terms(self, velocity, x_t, x0, t, r, mask):
-        """The three velocities at (x_t, t) and `nft_loss`; θ's forward runs last, so activation checkpointing
-        recomputes it under the "default" adapter."""
+    def velocity_fns(self, cond: Any, batch: int, rows: int) -> VelocityFns:
+        """θ's, θ_old's and the reference's velocities for `rows` timesteps × `batch` samples of `cond`."""
+        fam, kl = self.family, self.cfg.nft.kl_weight > 0
+        stacked = cond if rows == 1 else fam.index_conditioning(cond, torch.arange(batch).repeat(rows))
+        velocity = self.weights.velocity
+        fns = VelocityFns(theta=velocity(stacked, Role.THETA), old=velocity(stacked, Role.OLD),
+                          ref=velocity(stacked, Role.REF) if kl else None)
+        if self.fuse_old_and_ref and self.weights.kind == "lora" and kl:
+            doubled = fam.index_conditioning(cond, torch.arange(batch).repeat(2 * rows))
+            fns.old_and_ref = self.weights.old_and_ref_velocity(doubled)
+        return fns
+
+    def nft_terms(self, velocity: VelocityFns, x_t, x0, t, r, mask) -> tuple[Any, PassVelocities]:
+        """`nft_loss` of one pass and its three velocities; θ's forward runs last, so activation checkpointing
+        recomputes it under θ's adapter."""
         nft = self.cfg.nft
         with self.autocast():
-            return self._nft_terms(velocity, x_t, x0, t, r, mask, nft)
+            with torch.no_grad():
+                if velocity.old_and_ref is not None:  # LoRA: the two differ only in the adapter: one forward
+                    v_old, v_ref = velocity.old_and_ref(torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
+                else:
+                    v_old = velocity.old(x_t, t)
+                    v_ref = velocity.ref(x_t, t) if velocity.ref is not None else None
+            v_theta = velocity.theta(x_t, t)
+            # No value checks here: a NaN from diverged weights flows into the step's sums and gradient norm, where
+            # optimizer_step skips the step on every rank alike (the backward still runs, so collectives stay in
+            # step).
+            out = self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max, mask=mask,
+                               v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight,
+                               check_values=False)
+        return out, PassVelocities(v_theta, v_old, v_ref)
 
-    def _nft_terms(self, velocity, x_t, x0, t, r, mask, nft):
-        with torch.no_grad():
-            if "old+ref" in velocity:  # LoRA: the two differ only in the adapter, so one forward over [rows; rows]
-                v_old, v_ref = velocity["old+ref"](torch.cat([x_t, x_t]), torch.cat([t, t])).chunk(2)
-            else:
-                v_old = velocity["old"](x_t, t)
-                v_ref = velocity["ref"](x_t, t) if nft.kl_weight > 0 else None
-        v_theta = velocity["default"](x_t, t)
-        # No value checks here: a NaN from diverged weights flows into the step's sums and gradient norm, where
-        # optimizer_step skips the step on every rank alike (the backward still runs, so collectives stay in step).
-        return self.loss_fn(v_theta, v_old, x_t, x0, t, r, beta=nft.beta, loss_scale=nft.adv_clip_max, mask=mask,
-                            v_ref=v_ref, kl_weight=nft.kl_weight, negative_weight=nft.negative_weight,
-                            check_values=False)
 
-    def optimizer_step(self, sums: torch.Tensor) -> dict[str, Any]:
-        """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient."""
-        loss, policy, kl, deviate, x0_norm = sums.tolist()
+    def optimizer_step(self, terms: StepTerms) -> dict[str, Any]:
+        """Clip, step AdamW, update the EMA; or skip the step on a non-finite loss or gradient. Returns the step's
+        metrics-row fields."""
+        loss = terms.loss
         if not self.cfg.parallel.shard_transformer:
             average_gradients(self.params, self.env)  # replicated: what FSDP2's reduce-scatter does otherwise
         max_norm = self.cfg.optim.max_grad_norm
@@ -587,11 +448,10 @@ class Trainer:
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.ema.step(self.weights.state("default"))
+            self.ema.step(self.weights.state(Role.THETA))
             self.nan_in_a_row = 0
             self.step += 1
-        return {"loss": loss, "policy_loss": policy, "kl_loss": kl, "old_deviate": deviate, "x0_norm": x0_norm,
-                "grad_norm": grad_norm, "lr": self.cfg.optim.lr, "nan_skipped": int(skipped),
+        return {**terms.logged(), "grad_norm": grad_norm, "lr": self.cfg.optim.lr, "nan_skipped": int(skipped),
                 "nan_skipped_total": self.nan_skipped}
 
     # ------------------------------------------------------------------------------------------------ eval
@@ -601,7 +461,7 @@ class Trainer:
         a grid (source | edit) of the first samples to OUT/images/ and the trackers; kept as `last_eval`."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        reward, images = self.evaluate("ema")
+        reward, images = self.evaluate(EvalWeights.EMA)
         self.eval_rewards.append((epoch + 1, reward))
         self.last_eval = (epoch + 1, reward, images)
         self.metrics.log_eval({"epoch": epoch, "step": self.step, "eval_reward": reward,
@@ -618,7 +478,7 @@ class Trainer:
     def ema_swapped(self):
         """The EMA weights in θ's place for no-grad forwards. FSDP2 keeps the last block gathered after a no-grad
         forward; it is resharded before θ comes back, so no gathered EMA copy outlives the swap."""
-        with self.ema.swapped(self.weights.state("default")):  # state() reshards first
+        with self.ema.swapped(self.weights.state(Role.THETA)):  # state() reshards first
             try:
                 yield
             finally:
@@ -630,10 +490,10 @@ class Trainer:
         return n if not self.cfg.eval.max_samples else min(n, self.cfg.eval.max_samples)
 
     @torch.no_grad()
-    def evaluate(self, weights: str = "ema", limit: int | None = None) -> tuple[float, torch.Tensor]:
+    def evaluate(self, weights: EvalWeights | str = EvalWeights.EMA, limit: int | None = None
+                 ) -> tuple[float, torch.Tensor]:
         """Mean reward on the eval split with fixed noise, and this rank's edited images (rank 0: the split's first
-        samples); `weights` is "ema" (the EMA swapped into "default"), "live" ("default" as is) or "base" (adapters
-        disabled).
+        samples); `weights` is an `EvalWeights`: the EMA swapped into θ's place, θ as is, or the base model.
 
         The split is cut into one contiguous slice per rank and the rewards are all-gathered, as the reference does.
         Slices are padded to equal length with copies of their last sample (scored, then dropped), so every rank
@@ -649,14 +509,15 @@ class Trainer:
         indices = [min(i, count - 1) for i in range(first, first + per)]
         real = torch.tensor([i < count for i in range(first, first + per)])
         images, scores, valid = [], [], []
-        which = "ref" if weights == "base" else "default"
+        weights = EvalWeights(weights)
+        which = Role.REF if weights is EvalWeights.BASE else Role.THETA
         with contextlib.ExitStack() as stack:
-            if weights == "ema":
+            if weights is EvalWeights.EMA:
                 stack.enter_context(self.ema_swapped())  # once for the split, so 'phase' gathers it once
             stack.enter_context(self.weights_held("phase"))
             for start in range(0, per, cfg.eval.batch_size):
                 index = indices[start:start + cfg.eval.batch_size]
-                batch, readable = zip(*(self._read(data.__getitem__, i, i, data) for i in index))
+                batch, readable = zip(*(self.rollout_worker.read(data.__getitem__, i, i, data) for i in index))
                 cond = self.conditioning(batch, index, "eval", readable)
                 noise = rollout_noise(cfg.run.seed, -1, index, fam.latent_shape).to(env.device)
                 with self.autocast(), self.weights_held("batch"):
@@ -711,11 +572,11 @@ class Trainer:
         import shutil
 
         if self.weights.kind == "full":  # streamed: only rank 0 writes, the others join the gathers
-            with self.ema.swapped(self.weights.state("default")):
+            with self.ema.swapped(self.weights.state(Role.THETA)):
                 self.weights.export(path / "ema", write=self.env.is_main)
             return
         out = path / "lora_ema" if self.env.is_main else path / f".scratch-rank{self.env.rank}"
-        with self.ema.swapped(self.weights.state("default")):
+        with self.ema.swapped(self.weights.state(Role.THETA)):
             self.weights.export(out)
         if not self.env.is_main:
             shutil.rmtree(out, ignore_errors=True)

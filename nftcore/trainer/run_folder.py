@@ -173,7 +173,7 @@ def resume_allows(key: str) -> bool:
 
 
 def _show(value: Any) -> str:
-    from nftcore.config.values import toml_literal
+    from nftcore.config.serialize import toml_literal
 
     return "none" if value is None else toml_literal(value)
 

@@ -1,0 +1,5 @@
+"""The training-time error that ends a run: the policy diverged (see `loop.MAX_NAN_STEPS`)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The policy's losses, gradients, rollouts or weights are not finite: the run cannot go on from these weights."""
