@@ -38,7 +38,7 @@ backward (x is the block input, kept anyway; h itself is then free once the next
 keeps neither big tensor).
 
 The native CPU kernels (`nftcore._C`, namespace `nftcore_native`) are the `Backend.NATIVE` entry of each `impls`
-mapping below (`_native_impl`, the loader pattern of `nft_loss.py`); `_impls_for` keeps fp64 and empty x on the
+mapping below (`dispatch.native_impl`); `_impls_for` keeps fp64 and empty x on the
 reference. Each impl - every backend's - is called with exactly the arguments below. Inputs arrive as the model
 makes them, possibly non-contiguous (x a token slice of the joint stream, scale/shift/gate chunk views of one [B, 6C]
 output with batch stride 6C, stride-0 expanded gradients from `.sum().backward()`): the kernel reads the strides or
@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checks
-from .dispatch import Backend, dispatch, record_fallback
+from .dispatch import Backend, dispatch, native_impl, record_fallback
 from .eager import BackwardOp, ForwardOp
 from .reference import compute_dtype
 
@@ -329,54 +329,23 @@ def _triton_gated_residual_backward():
 # ----------------------------------------------------------------------------------------------------------------
 # Native CPU backend (csrc/block_ops.cpp; the module is loaded by the dispatcher before these loaders run).
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _native_covers(x: torch.Tensor, args) -> bool:
-    """What the kernels take: x fp32/bf16/fp16 and non-empty, and no fp64 tensor among the arguments (the reference
-    computes e.g. x + gate·y in fp64 for an fp64 gate: the kernels' fp32 would lower that precision)."""
-    return (x.dtype in _NATIVE_DTYPES and x.numel() > 0
-            and not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args))
-
-
-def _native_impl(kernel_name: str, op: str, reference, x_index: int):
-    """Loader of `torch.ops.nftcore_native.<kernel_name>`, called with the impl's arguments (its signature is the
-    module docstring's); inputs it does not take go to `reference`, recorded as a fallback of `op`. `x_index`: the
-    position of x (or grad) in the arguments."""
-
-    def load():
-        from nftcore._native import op as native_op
-
-        kernel = native_op(kernel_name)
-
-        def impl(*args):
-            if not _native_covers(args[x_index], args):
-                record_fallback(op)
-                return reference(*args)
-            return kernel(*args)
-
-        return impl
-
-    return load
-
-
 # One entry per backend (see the module docstring for the signatures).
 ADALN_FORWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_forward_ref, Backend.TRITON: _triton_adaln_forward,
-                       Backend.NATIVE: _native_impl("adaln_forward", ADALN, _adaln_forward_ref, 0)}
+                       Backend.NATIVE: native_impl("adaln_forward", ADALN, _adaln_forward_ref, 0)}
 ADALN_BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _adaln_backward_ref, Backend.TRITON: _triton_adaln_backward,
-                        Backend.NATIVE: _native_impl("adaln_backward", ADALN + "_backward", _adaln_backward_ref, 1)}
+                        Backend.NATIVE: native_impl("adaln_backward", ADALN + "_backward", _adaln_backward_ref, 1)}
 GATED_ADALN_FORWARD_IMPLS = {
     Backend.REFERENCE: lambda: _gated_adaln_forward_ref, Backend.TRITON: _triton_gated_adaln_forward,
-    Backend.NATIVE: _native_impl("gated_adaln_forward", GATED_ADALN, _gated_adaln_forward_ref, 0)}
+    Backend.NATIVE: native_impl("gated_adaln_forward", GATED_ADALN, _gated_adaln_forward_ref, 0)}
 GATED_ADALN_BACKWARD_IMPLS = {
     Backend.REFERENCE: lambda: _gated_adaln_backward_ref, Backend.TRITON: _triton_gated_adaln_backward,
-    Backend.NATIVE: _native_impl("gated_adaln_backward", GATED_ADALN + "_backward", _gated_adaln_backward_ref, 2)}
+    Backend.NATIVE: native_impl("gated_adaln_backward", GATED_ADALN + "_backward", _gated_adaln_backward_ref, 2)}
 GATED_RESIDUAL_FORWARD_IMPLS = {
     Backend.REFERENCE: lambda: _gated_residual_forward_ref, Backend.TRITON: _triton_gated_residual_forward,
-    Backend.NATIVE: _native_impl("gated_residual_forward", GATED_RESIDUAL, _gated_residual_forward_ref, 0)}
+    Backend.NATIVE: native_impl("gated_residual_forward", GATED_RESIDUAL, _gated_residual_forward_ref, 0)}
 GATED_RESIDUAL_BACKWARD_IMPLS = {
     Backend.REFERENCE: lambda: _gated_residual_backward_ref, Backend.TRITON: _triton_gated_residual_backward,
-    Backend.NATIVE: _native_impl("gated_residual_backward", GATED_RESIDUAL + "_backward",
+    Backend.NATIVE: native_impl("gated_residual_backward", GATED_RESIDUAL + "_backward",
                                  _gated_residual_backward_ref, 0)}
 
 

@@ -134,3 +134,35 @@ def dispatch(op: str, device: torch.device, impls: Mapping[Backend, Callable[[],
     backend = select_backend(op, device, impls)
     _last_backend[op] = backend
     return impls[backend]()
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _native_covers(x: torch.Tensor, args) -> bool:
+    """What the element-wise native kernels take: x fp32/bf16/fp16 and non-empty, and no fp64 tensor among the
+    arguments (the reference computes e.g. x + gate·y in fp64 for an fp64 gate: the kernels' fp32 would lower that
+    precision)."""
+    return (x.dtype in _NATIVE_DTYPES and x.numel() > 0
+            and not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args))
+
+
+def native_impl(kernel_name: str, op: str, reference: Callable, x_index: int) -> Callable[[], Callable]:
+    """Loader of `torch.ops.nftcore_native.<kernel_name>` for an op's NATIVE table entry, called with the impl's
+    arguments; inputs it does not take (see `_native_covers`) go to `reference`, recorded as a fallback of `op`.
+    `x_index`: the position of x (or grad) in the arguments."""
+
+    def load():
+        from nftcore._native import op as native_op
+
+        kernel = native_op(kernel_name)
+
+        def impl(*args):
+            if not _native_covers(args[x_index], args):
+                record_fallback(op)
+                return reference(*args)
+            return kernel(*args)
+
+        return impl
+
+    return load

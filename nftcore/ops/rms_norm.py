@@ -31,7 +31,7 @@ gradient.
 Saved for backward: x (a view, no copy), weight, rstd and the tables - never the normalised tensor.
 
 The native CPU kernels (`nftcore._C`, namespace `nftcore_native`) are the `Backend.NATIVE` entries of the `impls`
-mappings below (`_native_impl`); `_impls_for` keeps fp64 and empty x on the reference, and each impl - every
+mappings below (`dispatch.native_impl`); `_impls_for` keeps fp64 and empty x on the reference, and each impl - every
 backend's - is called with exactly these arguments. Layouts: x [..., D] in fp32/bf16/fp16, possibly non-contiguous
 (q and k are strided views of the fused QKV output, [B, N, H, D] with strides (N·3HD, 3HD, D, 1)) - rank 4 whenever
 cos/sin are given; grad_y may be a strided slice of a joint gradient or stride-0 expanded; weight [D] any float
@@ -55,7 +55,7 @@ import math
 import torch
 
 from . import checks
-from .dispatch import Backend, dispatch, record_fallback
+from .dispatch import Backend, dispatch, native_impl, record_fallback
 from .eager import BackwardOp, ForwardOp
 
 OP = "rms_norm"
@@ -184,37 +184,11 @@ def _triton_backward_impl():
 # Native CPU backend (csrc/rms_norm.cpp; the module is loaded by the dispatcher before these loaders run).
 
 
-def _native_covers(x: torch.Tensor, args) -> bool:
-    """x fp32/bf16/fp16 and non-empty, no fp64 tensor among the arguments (those stay on the reference)."""
-    return (x.dtype in (torch.float32, torch.bfloat16, torch.float16) and x.numel() > 0
-            and not any(isinstance(a, torch.Tensor) and a.dtype == torch.float64 for a in args))
-
-
-def _native_impl(kernel_name: str, op: str, reference, x_index: int):
-    """Loader of `torch.ops.nftcore_native.<kernel_name>` (signature in the module docstring); inputs it does not
-    take go to `reference`, recorded as a fallback of `op`. `x_index`: the position of x in the arguments."""
-
-    def load():
-        from nftcore._native import op as native_op
-
-        kernel = native_op(kernel_name)
-
-        def impl(*args):
-            if not _native_covers(args[x_index], args):
-                record_fallback(op)
-                return reference(*args)
-            return kernel(*args)
-
-        return impl
-
-    return load
-
-
 # One entry per backend, with the signatures in the module docstring.
 FORWARD_IMPLS = {Backend.REFERENCE: lambda: _forward_ref, Backend.TRITON: _triton_forward_impl,
-                 Backend.NATIVE: _native_impl("rms_norm_forward", OP, _forward_ref, 0)}
+                 Backend.NATIVE: native_impl("rms_norm_forward", OP, _forward_ref, 0)}
 BACKWARD_IMPLS = {Backend.REFERENCE: lambda: _backward_ref, Backend.TRITON: _triton_backward_impl,
-                  Backend.NATIVE: _native_impl("rms_norm_backward", OP + "_backward", _backward_ref, 1)}
+                  Backend.NATIVE: native_impl("rms_norm_backward", OP + "_backward", _backward_ref, 1)}
 
 
 def _impls_for(impls, x: torch.Tensor):
