@@ -207,6 +207,7 @@ setup(
             "tiktoken>=0.7",
             "pillow>=10",
             "diffusers>=0.35",
+            "matplotlib>=3.7",  # the demo's reward_curve.png (skipped with a message without it)
         ],
     },
 )

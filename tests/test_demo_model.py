@@ -146,3 +146,21 @@ def test_pretrain_runs_a_few_steps():
     # deterministic from the seed
     again = pretrain(cfg, log=None)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
+
+
+def test_before_after_summary_pairs_tasks_and_splits_by_type():
+    """The end-of-run table: means with standard errors, the per-task paired difference, one row per task type;
+    tasks only one side scored are left out of every row."""
+    from types import SimpleNamespace
+
+    from nftcore.demo.showcase import mean_and_error, summary_lines
+
+    base = SimpleNamespace(scores=torch.tensor([0.4, 0.5, 0.6, 0.3]), indices=torch.tensor([0, 1, 2, 3]))
+    final = SimpleNamespace(scores=torch.tensor([0.6, 0.9, 0.7]), indices=torch.tensor([0, 1, 2]))
+    lines = summary_lines(base, final, lambda i: "move" if i == 1 else "recolor")
+    assert lines[0].startswith("# eval on 3 held-out tasks")
+    assert "+0.233" in lines[2]  # all: mean of (0.2, 0.4, 0.1)
+    assert [line.split()[1] for line in lines[3:]] == ["move", "recolor"]
+    assert "+0.400" in lines[3] and "nan" in lines[3]  # one task: no standard error
+    mean, error = mean_and_error(torch.tensor([1.0, 2.0, 3.0]))
+    assert mean == 2.0 and abs(error - 1 / 3 ** 0.5) < 1e-12

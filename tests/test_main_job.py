@@ -35,9 +35,10 @@ def test_main_job_trains_the_demo_and_draws_its_pictures(tmp_path):
     assert "epoch 0: reward" in out and "epoch 1: reward" in out
     assert "# base model: eval reward" in out and "# final (EMA) model: eval reward" in out
     assert (tmp_path / "metrics.jsonl").is_file()
-    assert Image.open(tmp_path / "reward_curve.png").size == (480, 300)
+    assert "# eval on 2 held-out tasks" in out and "#   all " in out  # the before/after table, per task type too
+    assert Image.open(tmp_path / "reward_curve.png").size == (700, 400)  # matplotlib, 7 x 4 in at 100 dpi
     grid = Image.open(tmp_path / "before_after.png")
-    assert grid.size[0] > grid.size[1]  # 4 columns (source | base | final | target) × 2 rows
+    assert grid.size[0] > grid.size[1]  # 4 columns (source | base | final | target) × 2 rows, captions to the right
 
 
 # ------------------------------------------------------------------------- errors after the config: one clean line

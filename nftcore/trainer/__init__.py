@@ -22,10 +22,11 @@ from nftcore.family import PolicyFamily
 from nftcore.trainer.distributed import DistEnv, init_distributed, shutdown
 from nftcore.trainer.errors import NonFiniteLossError
 from nftcore.trainer.family import build_family
-from nftcore.trainer.loop import Trainer
+from nftcore.trainer.loop import EvalResult, Trainer
 from nftcore.trainer.metrics import REQUIRED_KEYS, MetricsLogger, read_metrics
 from nftcore.trainer.rewards import build_reward
 from nftcore.trainer.roles import EvalWeights, Role
 
-__all__ = ["REQUIRED_KEYS", "DistEnv", "EvalWeights", "MetricsLogger", "NonFiniteLossError", "PolicyFamily", "Role",
-           "Trainer", "build_family", "build_reward", "init_distributed", "read_metrics", "shutdown"]
+__all__ = ["REQUIRED_KEYS", "DistEnv", "EvalResult", "EvalWeights", "MetricsLogger", "NonFiniteLossError",
+           "PolicyFamily", "Role", "Trainer", "build_family", "build_reward", "init_distributed", "read_metrics",
+           "shutdown"]

@@ -98,6 +98,17 @@ class VelocityFns:
     old_and_ref: Callable | None = None
 
 
+@dataclass
+class EvalResult:
+    """One evaluation of the eval split: the mean reward over its valid samples, each valid sample's score and split
+    index (gathered from every rank, in split order), and this rank's edited images."""
+
+    reward: float
+    scores: torch.Tensor  # [n] fp32
+    indices: torch.Tensor  # [n] int64, positions in the eval split
+    images: torch.Tensor  # [rows of this rank, 3, H, W]
+
+
 class Trainer:
     """Owns the model, optimizer, EMA, prompt ban and counters of one run; `train()` runs it to the end.
 
@@ -137,7 +148,7 @@ class Trainer:
         self.ban = PromptBan(cfg.filter.mean_threshold, cfg.filter.std_threshold)
         self.sigmas = self.family.sigmas(cfg.sampling.num_steps)
         self.eval_rewards: list[tuple[int, float]] = []
-        self.last_eval: tuple[int, float, torch.Tensor] | None = None  # (epochs done, reward, rank's images)
+        self.last_eval: tuple[int, EvalResult] | None = None  # (epochs done, that evaluation)
         self.step = self.epoch = 0
         self.nan_in_a_row = self.nan_skipped = 0
         self.metrics = MetricsLogger(cfg.run.metrics_path, enabled=self.env.is_main, log_every=cfg.metrics.log_every,
@@ -461,9 +472,10 @@ class Trainer:
         a grid (source | edit) of the first samples to OUT/images/ and the trackers; kept as `last_eval`."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        reward, images = self.evaluate(EvalWeights.EMA)
+        result = self.evaluate(EvalWeights.EMA)
+        reward, images = result.reward, result.images
         self.eval_rewards.append((epoch + 1, reward))
-        self.last_eval = (epoch + 1, reward, images)
+        self.last_eval = (epoch + 1, result)
         self.metrics.log_eval({"epoch": epoch, "step": self.step, "eval_reward": reward,
                                "eval_samples": self.eval_count(), "time_eval": time.perf_counter() - t0})
         rows = min(IMAGE_ROWS, images.shape[0])
@@ -490,10 +502,10 @@ class Trainer:
         return n if not self.cfg.eval.max_samples else min(n, self.cfg.eval.max_samples)
 
     @torch.no_grad()
-    def evaluate(self, weights: EvalWeights | str = EvalWeights.EMA, limit: int | None = None
-                 ) -> tuple[float, torch.Tensor]:
-        """Mean reward on the eval split with fixed noise, and this rank's edited images (rank 0: the split's first
-        samples); `weights` is an `EvalWeights`: the EMA swapped into θ's place, θ as is, or the base model.
+    def evaluate(self, weights: EvalWeights | str = EvalWeights.EMA, limit: int | None = None) -> EvalResult:
+        """The eval split with fixed noise: the mean reward, every valid sample's score and split index (all ranks),
+        and this rank's edited images (rank 0: the split's first samples); `weights` is an `EvalWeights`: the EMA
+        swapped into θ's place, θ as is, or the base model.
 
         The split is cut into one contiguous slice per rank and the rewards are all-gathered, as the reference does.
         Slices are padded to equal length with copies of their last sample (scored, then dropped), so every rank
@@ -503,7 +515,7 @@ class Trainer:
         data = fam.eval_dataset
         count = self.eval_count() if limit is None else min(self.eval_count(), limit)
         if count == 0:
-            return float("nan"), torch.empty(0)
+            return EvalResult(float("nan"), torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0))
         per = math.ceil(count / env.world_size)
         first = env.rank * per
         indices = [min(i, count - 1) for i in range(first, first + per)]
@@ -532,7 +544,9 @@ class Trainer:
                 valid.append(result.valid & torch.isfinite(result.scores) & finite.cpu() & torch.tensor(readable))
         keep = all_gather_cat(torch.cat(valid) & real, env)
         scores = all_gather_cat(torch.nan_to_num(torch.cat(scores)), env)[keep]
-        return (float(scores.double().mean()) if scores.numel() else float("nan")), torch.cat(images)[real]
+        split_index = all_gather_cat(torch.tensor(indices), env)[keep]
+        reward = float(scores.double().mean()) if scores.numel() else float("nan")
+        return EvalResult(reward, scores, split_index, torch.cat(images)[real])
 
     # ------------------------------------------------------------------------------------------------ checkpoints
 
