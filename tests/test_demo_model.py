@@ -9,7 +9,7 @@ import torch
 
 from nftcore.demo import DemoDataset, stack_images, tokenize_batch
 from nftcore.demo.model import ASSET, DemoPolicy, pack_images, select_conditioning, unpack_images
-from nftcore.demo.pretrain import PretrainConfig, evaluate, eval_tasks, flow_matching_loss, pretrain
+from nftcore.demo.pretrain import PretrainConfig, eval_tasks, evaluate, flow_matching_loss, pretrain
 from nftcore.models.lora import adapters_disabled, apply_lora, trainable_parameters, using_adapter
 
 SIZE = DemoPolicy().demo.image_size  # 16 px: 4 × 4 tokens of 4 × 4 pixels
