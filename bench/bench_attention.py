@@ -298,9 +298,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
             results += bench_case(SHAPES[name], dtype, args.mode.split(","), args.providers.split(","), device, args)
     harness.print_table(results, baseline=BASELINE)
     print_tflops(results)
-    if not args.no_record:
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record)
     return results
 
 

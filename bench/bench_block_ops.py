@@ -247,9 +247,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
                     results += bench_case(op, CASES[case], DTYPES[dname], mode, args.providers.split(","), args)
     harness.print_table(results, baseline=BASELINE)
     print_ratios(results)
-    if not args.no_record:
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record)
     return results
 
 

@@ -229,9 +229,7 @@ def main() -> None:
         print(f"{mode}: nftcore {d.timing.p50 / n.timing.p50:.2f}x faster (wall), "
               f"{d.extra['cpu_p50_ms'] / n.extra['cpu_p50_ms']:.2f}x (CPU time), "
               f"{n.peak_mb / d.peak_mb:.2f}x the peak memory of diffusers")
-    if not args.no_record and GRID == (32, 32):
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record or GRID != (32, 32))  # rows only for the documented config
 
 
 if __name__ == "__main__":

@@ -280,9 +280,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     if op_results:
         harness.print_table(op_results, baseline="eager")
     results += op_results
-    if not args.no_record:
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record)
     return results
 
 

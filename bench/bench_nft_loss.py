@@ -305,9 +305,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
                 results += bench_case(shape, dtype, with_ref, args.mode, providers, device, args)
     harness.print_table(results, baseline=BASELINE)
     _print_backend_ratios(results)
-    if not args.no_record:
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record)
     return results
 
 

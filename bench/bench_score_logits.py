@@ -191,9 +191,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
             if "x_head_read" in full.extra:
                 line += f"; full mode at {full.extra['x_head_read']:.2f}x the head-read time"
             print(line)
-    if not args.no_record:
-        harness.append_results(results)
-        print(f"appended {len(results)} rows to {harness.RESULTS_CSV}")
+    harness.record(results, args.no_record)
     return results
 
 

@@ -288,6 +288,14 @@ def append_results(results: Sequence[Result], path: Path = RESULTS_CSV) -> None:
         writer.writerows(r.csv_row() for r in results)
 
 
+
+def record(results: Sequence[Result], no_record: bool) -> None:
+    """A bench's last step: append its rows to results.csv (and say so) unless `--no-record` was given."""
+    if not no_record:
+        append_results(results)
+        print(f"appended {len(results)} rows to {RESULTS_CSV}")
+
+
 # ---------------------------------------------------------------------------------------------------------- table
 
 def gbps(nbytes: float, ms: float) -> float | None:
