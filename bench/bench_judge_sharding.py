@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/bench_judge_sharding.py`: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as `python bench/bench_judge_sharding.py`: make `bench` and `nftcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -54,7 +54,7 @@ def build_model_folder(folder: Path, smoke: bool = False) -> Path:
     """The benchmark's judge (MODEL), or with `smoke` the tests' 2-layer one."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from tests.reward_fixtures import build_tiny_judge, qwen_tokenizer, save_tiny_judge, tiny_config
+    from nftcore.testing.tiny_judge import build_tiny_judge, qwen_tokenizer, save_tiny_judge, tiny_config
 
     tok = qwen_tokenizer()
     torch.manual_seed(0)
@@ -79,8 +79,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from nftcore.reward import MLLMScorer
+    from nftcore.testing.tiny_judge import random_images
     from nftcore.trainer.inference_sharding import shard_judge
-    from tests.reward_fixtures import random_images
 
     torch.set_num_threads(args.threads)
     dist.init_process_group("gloo")
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--smoke", action="store_true", help="the tests' 2-layer judge (a check that it runs)")
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results.csv")
+    p.add_argument("--json", help="also write the results here (tests/test_bench_judge_sharding.py reads them)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
         print(f"{r.provider:18s} parameters per rank: {r.extra['param_mb_per_rank']} MB "
               f"(sharded part {r.extra['sharded_part']} MB, LM head {r.extra['whole_part']} MB)")
     print(f"max |score difference| vs whole {diff:.2e}")
+    if args.json:
+        harness.write_json(results, args.json)
     if not args.no_record and not args.smoke:
         harness.append_results(results)
     return results

@@ -3,7 +3,7 @@
 
 Why this baseline: it is what a caller writes without the op (and what `model(...).logits` costs at one position):
 [M, V] logits in the head's dtype, a log_softmax of the same size, then a gather of the K ids. It comes from the
-tests' oracle (`tests/test_score_logits.naive_score_logits`, run in the head's dtype). Providers:
+tests' oracle (`nftcore.ops.reference.naive_score_logits`, run in the head's dtype). Providers:
 
 - `eager`: that baseline; the speedup column is relative to it.
 - `nftcore:<backend>:full`: the op in full mode (vocabulary log-probs), backend as dispatched (CPU: the native C++
@@ -31,7 +31,7 @@ import argparse
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/bench_score_logits.py`: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as `python bench/bench_score_logits.py`: make `bench` and `nftcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
@@ -39,7 +39,9 @@ import torch  # noqa: E402
 import nftcore.ops  # noqa: E402
 from bench import harness  # noqa: E402
 from nftcore import _native  # noqa: E402
-from tests.test_score_logits import QWEN_DIGIT_IDS, naive_score_logits, peak_allocated_bytes  # noqa: E402
+from nftcore.ops.reference import naive_score_logits  # noqa: E402
+from nftcore.testing.memory import peak_allocated_bytes  # noqa: E402
+from nftcore.testing.tiny_judge import QWEN_DIGIT_IDS  # noqa: E402
 
 BENCH = "score_logits"
 BASELINE = "eager"

@@ -3,7 +3,7 @@
 Why this baseline: Edit-R1's transformers reward server reads the six digit logits through
 `generate(max_new_tokens=1, output_logits=True)` over the processor's batch; here it is given the same batch with
 left padding (a stronger baseline than its one-image-at-a-time calls). It comes from the tests' reference
-(`tests/reward_fixtures.reference_answer_logits`). Providers:
+(`nftcore/testing/reference_judge.py`). Providers:
 
 - `generate`: processor + `generate(max_new_tokens=1, output_logits=True)` + softmax over the digit logits.
   **The baseline of the speedup column.**
@@ -46,17 +46,17 @@ import tempfile
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python bench/bench_scorer.py`: make `bench` and `tests` importable
+if __package__ in (None, ""):  # run as `python bench/bench_scorer.py`: make `bench` and `nftcore` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
 from bench import harness  # noqa: E402
 from nftcore.reward import MLLMScorer  # noqa: E402
+from nftcore.testing.memory import peak_allocated_bytes  # noqa: E402
+from nftcore.testing.reference_judge import generate_scores  # noqa: E402
+from nftcore.testing.tiny_judge import qwen_tokenizer, random_images, save_tiny_judge, tiny_config  # noqa: E402
 from nftcore.utils.qwen_vl import build_processor  # noqa: E402
-from tests.reward_fixtures import (expected_value_score, qwen_tokenizer, random_images,  # noqa: E402
-                                   reference_answer_logits, save_tiny_judge, tiny_config)
-from tests.test_score_logits import peak_allocated_bytes  # noqa: E402
 
 BENCH = "scorer"
 BASELINE = "generate"
@@ -94,15 +94,7 @@ def make_batch(groups: int, k: int, size: int, seed: int = 0):
 def make_providers(scorer: MLLMScorer, batch):
     """name -> zero-argument callable returning [B] scores."""
     processor = build_processor(scorer.tokenizer, scorer.image_processor)
-    edited, sources, instructions, requirements = batch
-
-    def generate():
-        texts = [scorer.conversation_text(i, r) for i, r in zip(instructions, requirements)]
-        images = [im for pair in zip(sources, edited) for im in pair]
-        logits = reference_answer_logits(scorer.model, processor, texts, images, scorer.answer_ids, use_generate=True)
-        return expected_value_score(logits, scorer.rubric.values)
-
-    return {"generate": generate,
+    return {"generate": lambda: generate_scores(scorer, processor, *batch),
             "scorer:one-forward": lambda: scorer.score(*batch, share_prefix=False),
             "scorer:shared-prefix": lambda: scorer.score(*batch, share_prefix=True)}
 
@@ -216,7 +208,8 @@ def main(argv: list[str] | None = None) -> list[harness.Result]:
         peak = "-" if r.peak_mb is None else f"{r.peak_mb:.0f}"
         tensors = r.extra.get("tensor_peak_mb")
         print(f"{r.provider:22s} wall {r.extra['img_per_s']:6.3f} img/s | process CPU {r.extra['img_per_cpu_s']:6.3f} "
-              f"img/cpu-s{vs} | max|score - generate| {r.extra['max_err_vs_generate']:.1e} | call peak: RSS +{peak} MB, "
+              f"img/cpu-s{vs} | max|score - generate| {r.extra['max_err_vs_generate']:.1e} | "
+              f"call peak: RSS +{peak} MB, "
               f"torch tensors {'-' if tensors is None else f'{tensors:.0f}'} MB "
               f"(process lifetime RSS peak {r.extra.get('lifetime_peak_rss_mb') or 0:.0f} MB)")
     if not args.no_record:

@@ -296,6 +296,15 @@ def record(results: Sequence[Result], no_record: bool) -> None:
         print(f"appended {len(results)} rows to {RESULTS_CSV}")
 
 
+def write_json(results: Sequence[Result], path: str | Path) -> None:
+    """The results as a JSON list of their CSV fields (timings in ms, `extra` as a dict): what a bench's `--json PATH`
+    writes, so a test can run the script as a subprocess and check its numbers without importing it."""
+    rows = [{"bench": r.bench, "case": r.case, "provider": r.provider, "mode": r.mode, "dtype": r.dtype,
+             "p50_ms": r.timing.p50, "p20_ms": r.timing.p20, "p80_ms": r.timing.p80, "peak_mb": r.peak_mb,
+             "extra": r.extra} for r in results]
+    Path(path).write_text(json.dumps(rows, indent=1, default=str) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------------- table
 
 def gbps(nbytes: float, ms: float) -> float | None:

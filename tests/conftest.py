@@ -13,6 +13,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tests.helpers.backends import BACKEND_FLAGS  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -32,3 +34,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """`monkeypatch` with the backend-selection flags cleared, so a test picks its op backend itself."""
+    for flag in BACKEND_FLAGS:
+        monkeypatch.delenv(flag, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def threads():
+    """Restores torch's intra-op thread count after a test that changes it."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+# The tiny random edit pipelines (nftcore.testing.tiny_pipelines), built once per test module that asks for one.
+
+
+@pytest.fixture(scope="module")
+def kontext_folder(tmp_path_factory):
+    from nftcore.testing.tiny_pipelines import build_kontext_pipeline
+
+    return build_kontext_pipeline(tmp_path_factory.mktemp("kontext"))
+
+
+@pytest.fixture(scope="module")
+def qwen_folder(tmp_path_factory):
+    from nftcore.testing.tiny_pipelines import build_qwen_edit_pipeline
+
+    return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit"))

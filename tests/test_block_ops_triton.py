@@ -21,8 +21,8 @@ from nftcore import ops
 from nftcore.ops.adaln import adaln_reference, gated_adaln_reference, gated_residual_reference
 from nftcore.ops.dispatch import FORCE_TRITON, Backend, interpreter_active, last_backend, triton_available
 from nftcore.ops.rms_norm import rms_norm_reference
-from tests.aot import H100_SHARED_LIMIT, AOTSpec, compile_many
-from tests.test_block_ops import (
+from tests.helpers.aot import H100_SHARED_LIMIT, AOTSpec, compile_many
+from tests.helpers.block_ops import (
     EPS,
     adaln_eager,
     block_inputs,
@@ -249,7 +249,7 @@ def test_mmdit_block_on_the_triton_backend_matches_the_reference(force_triton, m
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# sm_90 ahead-of-time compile of every shipped configuration (no GPU needed; see tests/aot.py).
+# sm_90 ahead-of-time compile of every shipped configuration (no GPU needed; see tests/helpers/aot.py).
 
 _ADALN = "nftcore.kernels.adaln"
 _RMS = "nftcore.kernels.rms_norm"

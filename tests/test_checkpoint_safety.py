@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,8 @@ from nftcore.config import ConfigError, load_config
 from nftcore.trainer import Trainer, read_metrics
 from nftcore.trainer import checkpoint as ckpt
 from nftcore.trainer.checkpoint import CheckpointError
-from tests.test_trainer import run_tiny, tiny_args
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+from tests.helpers.jobs import TORCHRUN, launch
+from tests.helpers.trainer import loss_trace, run_tiny, tiny_args
 
 
 def run(out, *, finetune=None, **overrides) -> tuple[Trainer, dict]:
@@ -35,10 +32,6 @@ def run(out, *, finetune=None, **overrides) -> tuple[Trainer, dict]:
     torch.set_num_threads(1)
     trainer = Trainer(cfg, echo=True, finetune=finetune)
     return trainer, trainer.train()
-
-
-def losses(out) -> list[float]:
-    return [row["loss"] for row in read_metrics(Path(out) / "metrics.jsonl")]
 
 
 def one_line(err: pytest.ExceptionInfo) -> str:
@@ -67,12 +60,12 @@ class Marker:
 
 def test_a_new_run_in_an_old_run_folder_is_refused(tmp_path):
     run_tiny(tmp_path, **{"run.epochs": 1})
-    before = losses(tmp_path)
+    before = loss_trace(tmp_path)
     with pytest.raises(ConfigError) as err:
         run_tiny(tmp_path, **{"run.epochs": 1, "run.seed": 8})
     message = one_line(err)
     assert str(tmp_path) in message and "--run.overwrite=true" in message and "--resume latest" in message
-    assert losses(tmp_path) == before  # nothing emptied
+    assert loss_trace(tmp_path) == before  # nothing emptied
     assert (tmp_path / "checkpoints" / "epoch-000001" / "COMPLETE").is_file()
 
 
@@ -98,7 +91,7 @@ def test_resume_latest_before_the_first_checkpoint_starts_fresh_in_its_own_folde
     (out / "checkpoints" / "epoch-000001").mkdir(parents=True)
     (out / "metrics.jsonl").write_text(json.dumps({"epoch": 0, "step": 1, "loss": 123.0}) + "\n")
     trainer, _ = run_tiny(out, **{"run.epochs": 1, "checkpoint.resume": "latest"})
-    assert trainer.epoch == 1 and losses(out) == losses(straight)
+    assert trainer.epoch == 1 and loss_trace(out) == loss_trace(straight)
 
 
 def test_overwrite_and_resume_latest_contradict(tmp_path):
@@ -230,7 +223,7 @@ def test_non_tensor_items_are_loaded_without_running_code(tmp_path):
 
 def test_a_truncated_shard_is_named_and_latest_falls_back(tmp_path, capsys):
     run_tiny(tmp_path, **{"run.epochs": 2})
-    before = losses(tmp_path)
+    before = loss_trace(tmp_path)
     newest = tmp_path / "checkpoints" / "epoch-000002"
     manifest = json.loads((newest / "checksums.json").read_text())
     assert {".metadata", "__0_0.distcp", "trainer.json", "config.toml"} <= set(manifest["files"])
@@ -243,7 +236,7 @@ def test_a_truncated_shard_is_named_and_latest_falls_back(tmp_path, capsys):
     trainer, _ = run(tmp_path, **{"run.epochs": 2, "checkpoint.resume": "latest"})
     printed = capsys.readouterr().out
     assert "skipping" in printed and "epoch-000002" in printed and "__0_0.distcp" in printed
-    assert trainer.epoch == 2 and losses(tmp_path) == before  # epoch 1 replayed from epoch-000001
+    assert trainer.epoch == 2 and loss_trace(tmp_path) == before  # epoch 1 replayed from epoch-000001
 
 
 def test_a_flipped_byte_is_found_by_its_checksum(tmp_path):
@@ -335,7 +328,7 @@ def test_a_crash_at_any_point_of_a_save_resumes_to_the_same_trace(tmp_path, monk
     complete = sorted(p.name for p in (out / "checkpoints").iterdir() if (p / ckpt.COMPLETE).exists())
     assert complete == (["epoch-000002"] if point == "prune" else ["epoch-000001"])
     run_tiny(out, **{**args, "checkpoint.resume": "latest"})
-    assert losses(out) == losses(tmp_path / "straight")
+    assert loss_trace(out) == loss_trace(tmp_path / "straight")
 
 
 def test_latest_with_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
@@ -351,9 +344,7 @@ def test_latest_with_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_
 
 
 def _job(args: list[str]) -> subprocess.CompletedProcess:
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "nftcore.train", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return launch(["-m", "nftcore.train", *args], nproc=2, timeout=300, check=False)
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not in the venv")
@@ -362,7 +353,7 @@ def test_two_ranks_agree_on_the_folder_and_on_the_fallback_checkpoint(tmp_path):
     args = tiny_args(out, **{"run.epochs": 2})
     first = _job(args)
     assert first.returncode == 0, first.stderr[-4000:]
-    before = losses(out)
+    before = loss_trace(out)
     newest = out / "checkpoints" / "epoch-000002"
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(json.loads((newest / "checksums.json").read_text())["files"])
     shard = newest / "__1_0.distcp"  # rank 1's shard, hashed by rank 1 at save time
@@ -371,7 +362,7 @@ def test_two_ranks_agree_on_the_folder_and_on_the_fallback_checkpoint(tmp_path):
     resumed = _job([*args, "--resume", "latest"])
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "skipping" in resumed.stdout and "__1_0.distcp" in resumed.stdout
-    assert len(losses(out)) == len(before) and max(abs(a - b) for a, b in zip(losses(out), before)) < 1e-6
+    assert len(loss_trace(out)) == len(before) and max(abs(a - b) for a, b in zip(loss_trace(out), before)) < 1e-6
 
     refused = _job(args)  # a new run in this folder: both ranks stop, none waits for the other
     assert refused.returncode != 0 and "already holds a run" in refused.stderr

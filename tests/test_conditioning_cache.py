@@ -1,10 +1,11 @@
 """The conditioning cache (data.cache_conditioning = memory | disk) and `python -m nftcore.precompute`.
 
-Demo runs use the tiny random policy (tests/test_trainer.py's `tiny_args`); the real families use the tiny random
-FLUX.1-Kontext and Qwen-Image-Edit pipelines of tests/pipeline_fixtures.py on a tiny Edit-R1 folder. What is checked:
-the cached runs give today's numbers (bitwise where the encoder sees the same batches, within its rounding where it
-does not), a row is encoded once per run (memory) or once ever (disk), stale and damaged entries are warned about and
-recomputed, a precomputed cache spares loading the text encoders, and ranks with sharded encoders stay in step.
+Demo runs use the tiny random policy (tests/helpers/trainer.py's `tiny_args`); the real families use the tiny random
+FLUX.1-Kontext and Qwen-Image-Edit pipelines of nftcore/testing/tiny_pipelines.py on a tiny Edit-R1 folder. What is
+checked: the cached runs give today's numbers (bitwise where the encoder sees the same batches, within its rounding
+where it does not), a row is encoded once per run (memory) or once ever (disk), stale and damaged entries are warned
+about and recomputed, a precomputed cache spares loading the text encoders, and ranks with sharded encoders stay in
+step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from nftcore.trainer.conditioning_cache import (
     entry_key,
     identity_of,
 )
-from tests.test_trainer import loss_trace, tiny_args
+from tests.helpers.trainer import loss_trace, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -283,7 +284,7 @@ def test_cache_config_errors_name_the_key():
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory):
     pytest.importorskip("diffusers")
-    from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
+    from nftcore.testing.tiny_pipelines import build_kontext_pipeline, build_qwen_edit_pipeline
 
     return {"flux": build_kontext_pipeline(tmp_path_factory.mktemp("kontext")),
             "qwen_image": build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit"))}
@@ -295,7 +296,7 @@ PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the
 
 def edit_args(tmp_path, folder, family, **overrides) -> list[str]:
     """tests/test_trainer_edit_families.py's one-epoch set-up on 4 train rows + 1 eval row, disk cache on."""
-    from tests.test_trainer_edit_families import write_dataset
+    from tests.helpers.edit_runs import write_dataset
 
     data = tmp_path / "data"
     if not data.exists():
@@ -385,9 +386,7 @@ def test_sharded_encoders_stay_in_step_when_only_one_rank_misses(tmp_path, pipel
     rows. Rank 0 encodes them in two calls; rank 1 has no miss and must join each call's collectives with a padding
     encode (without it the ranks' all-gathers would pair up wrongly and hang or fail). The rewritten entries equal
     the one-process ones."""
-    import subprocess
-
-    from tests.test_trainer_distributed import ROOT, TORCHRUN, _env
+    from tests.helpers.jobs import TORCHRUN, launch
 
     if not TORCHRUN.exists():
         pytest.skip("torchrun not in the venv")
@@ -403,10 +402,7 @@ def test_sharded_encoders_stay_in_step_when_only_one_rank_misses(tmp_path, pipel
     before = [p.read_bytes() for p in paths]
     for p in paths:
         p.unlink()
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node=2", "-m", "nftcore.precompute", *args,
-           "--parallel.shard_text_encoder=true"]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    result = launch(["-m", "nftcore.precompute", *args, "--parallel.shard_text_encoder=true"], nproc=2, timeout=180)
     assert "FSDP2-sharded over 2 ranks" in result.stdout
     assert "5 rows, 2 encoded, 3 already valid" in result.stdout, result.stdout
     from safetensors.torch import load

@@ -15,13 +15,7 @@ from nftcore.models.lora import adapters_disabled, apply_lora, trainable_paramet
 SIZE = DemoPolicy().demo.image_size  # 16 px: 4 × 4 tokens of 4 × 4 pixels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors on a busy 2-core machine: intra-op threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,14 +26,7 @@ from nftcore.demo import (
 )
 from nftcore.demo.world import move_offset, shape_mask
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny; on a busy 2-core machine intra-op threads only wait on each other (≈ 30× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture(scope="module")

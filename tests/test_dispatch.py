@@ -14,15 +14,13 @@ from nftcore.ops.dispatch import Backend, dispatch, env_flag, last_backend, sele
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 ALL = {Backend.REFERENCE: None, Backend.TRITON: None, Backend.NATIVE: None}
-FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE")
 
 
 @pytest.fixture
-def env(monkeypatch):
-    for flag in FLAGS:
-        monkeypatch.delenv(flag, raising=False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return monkeypatch
+def env(env):
+    """tests/conftest.py's `env` (backend flags cleared), with the Triton interpreter on."""
+    env.setenv("TRITON_INTERPRET", "1")
+    return env
 
 
 @pytest.mark.parametrize("value,expected", [("1", True), ("true", True), ("0", False), ("", False), ("off", False)])

@@ -24,23 +24,13 @@ from nftcore.inference import Editor, LoRAMismatchError, apply_lora_file, preset
 from nftcore.inference.report import paired_difference, student_t_quantile
 from nftcore.models.lora_io import read_adapter_file
 from nftcore.sampling import combine_cfg, sample, true_cfg
-from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
-from tests.reward_fixtures import random_image, tiny_judge_folder
+from nftcore.testing.tiny_judge import random_image
+from tests.helpers.edit_runs import TINY, write_split
+from tests.helpers.judges import tiny_judge_folder
 
 pytest.importorskip("diffusers")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TINY = ["--max-area", "4096", "--steps", "2", "--no-progress"]  # 64x64 edits, 2 Euler steps
-
-
-@pytest.fixture(scope="module")
-def kontext_folder(tmp_path_factory):
-    return build_kontext_pipeline(tmp_path_factory.mktemp("kontext"))
-
-
-@pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit"))
 
 
 def save_lora(folder: Path, out: Path, *, layout: str = "peft", seed: int = 1) -> Path:
@@ -64,19 +54,6 @@ def save_lora(folder: Path, out: Path, *, layout: str = "peft", seed: int = 1) -
 @pytest.fixture(scope="module")
 def qwen_lora(qwen_folder, tmp_path_factory):
     return save_lora(qwen_folder, tmp_path_factory.mktemp("lora") / "qwen")
-
-
-def write_split(root: Path, n: int = 3) -> Path:
-    """An Edit-R1 split of `n` non-square sources; returns the metadata file."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i in range(n):
-        random_image(rng, 48 + 16 * (i % 2), 48).save(root / "images" / f"{i}.png")
-        rows.append({"prompt": f"make the sky blue {i}", "image": f"images/{i}.png", "requirement": f"req {i}"})
-    path = root / "test_metadata.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def fake_png(path: Path, width: int, height: int) -> None:

@@ -4,29 +4,20 @@ dealt to ranks whole and each item's noise comes from its own key, so the two ru
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.pipeline_fixtures import build_kontext_pipeline
-from tests.test_edit_cli import TINY, write_split
+from nftcore.testing.tiny_pipelines import build_kontext_pipeline
+from tests.helpers.edit_runs import TINY, write_split
+from tests.helpers.jobs import TORCHRUN, launch
 
 pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 
 def run_edit(args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable] if nproc == 1 else [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([*launcher, "-m", "nftcore.edit", *args], cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode == 0, f"{nproc} rank(s) failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
+    return launch(["-m", "nftcore.edit", *args], nproc=nproc)
 
 
 @pytest.mark.slow

@@ -19,37 +19,15 @@ import torch
 from nftcore.models.lora import adapter_state, adapters_disabled, merge_adapter, unmerge_adapter
 from nftcore.models.lora_io import DIFFUSERS_WEIGHTS, PEFT_WEIGHTS
 from nftcore.trainer import Role
-from tests.test_trainer import run_tiny
+from tests.helpers.tiny_transformers import assert_close, flux_inputs, tiny_pair
+from tests.helpers.trainer import run_tiny
 
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-RTOL = 1e-5  # fp32 end to end; the only difference is the order of LoRA's low-rank products
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
-
-
-def flux_inputs(cfg, batch=2, h=2, w=4, text=5, seed=0):
-    """Random FLUX transformer inputs (target + source tokens are just a longer image sequence to it)."""
-    g = torch.Generator().manual_seed(seed)
-    grid = torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))
-    return dict(hidden_states=torch.randn(batch, h * w, cfg.in_channels, generator=g),
-                encoder_hidden_states=torch.randn(batch, text, cfg.joint_attention_dim, generator=g),
-                pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
-                timestep=torch.linspace(0.2, 0.9, batch),
-                img_ids=torch.stack(torch.meshgrid(*grid, indexing="ij"), -1).reshape(-1, 3),
-                txt_ids=torch.zeros(text, 3))
-
-
-def assert_close(theirs, ours, base):
-    """theirs == ours to RTOL of ours' scale, and the LoRA moved ours far beyond that (not a vacuous match)."""
-    scale = ours.abs().max().item()
-    err = (theirs - ours).abs().max().item()
-    moved = (ours - base).abs().max().item()
-    print(f"max|diff| {err:.2e}, LoRA moves the output by {moved:.2e} (scale {scale:.2f})")
-    assert err <= RTOL * scale, err
-    assert moved > 100 * RTOL * scale, moved
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +83,7 @@ def test_peft_lora_loads_with_peft(demo_run):
 def test_qwen_image_lora_export_loads_into_qwen_edit_pipeline_and_peft(tmp_path):
     from nftcore.config import load_config
     from nftcore.trainer.weights import LoRAWeights
-    from tests.test_lora import _tiny_pair
-
-    _, model, x = _tiny_pair("qwen_image", tmp_path)  # saves the random diffusers base to tmp_path/base
+    _, model, x = tiny_pair("qwen_image", tmp_path)  # saves the random diffusers base to tmp_path/base
     cfg = load_config(["--lora.rank=2", "--lora.alpha=4"])
     weights = LoRAWeights(types.SimpleNamespace(transformer=model), cfg, torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)

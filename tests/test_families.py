@@ -12,9 +12,9 @@ import torch
 from nftcore.models import edit_velocity_fn
 from nftcore.models.families import QwenImageEditFamily, pack_latents, unpack_latents
 from nftcore.sampling import sample
+from nftcore.testing.tiny_judge import random_image
+from nftcore.testing.tiny_pipelines import build_kontext_pipeline, build_qwen_edit_pipeline
 from nftcore.utils.qwen_vl import load_qwen_vl_processor
-from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
-from tests.reward_fixtures import random_image
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -149,12 +149,10 @@ def kontext_folder(tmp_path_factory):
 
 
 def test_kontext_reproduces_pipeline(kontext_folder):
-    from diffusers import FluxKontextPipeline
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     from nftcore.models.families.kontext import KontextFamily
-
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     f = kontext_folder
     pipe = FluxKontextPipeline(scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(f / "scheduler"),

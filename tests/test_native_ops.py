@@ -27,29 +27,14 @@ import torch
 from nftcore import _native
 from nftcore.ops import NFTLossOutput, last_backend, nft_loss, score_logits
 from nftcore.ops.dispatch import Backend, env_flag
-from tests.test_score_logits import naive_score_logits, peak_allocated_bytes
+from nftcore.ops.reference import naive_score_logits
+from nftcore.testing.memory import peak_allocated_bytes
+from tests.helpers.backends import BACKEND_FLAGS
+from tests.helpers.native import STATUS, check_rule, needs_native
 
 sl_mod = importlib.import_module("nftcore.ops.score_logits")
 REPO = Path(__file__).resolve().parents[1]
-STATUS = _native.status()
-needs_native = pytest.mark.skipif(not STATUS.loaded, reason=f"nftcore._C not available: {STATUS.reason}")
-FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE", "NFTCORE_NATIVE_GEMM")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture
-def env(monkeypatch):
-    for flag in FLAGS:
-        monkeypatch.delenv(flag, raising=False)
-    return monkeypatch
-
-
-@pytest.fixture
-def threads():
-    """Restores torch's intra-op thread count after a test that changes it."""
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
 
 
 def test_native_module_is_built():
@@ -58,26 +43,6 @@ def test_native_module_is_built():
     assert STATUS.loaded, (f"the native CPU kernels are not available ({STATUS.reason}); the install must build "
                            "nftcore._C (scripts/dev.sh does), or set NFTCORE_SKIP_NATIVE=1 to go without them")
     assert {"nft_loss_forward", "nft_loss_backward", "score_logits_forward"} <= set(_native.registered_ops())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The tolerance rule.
-
-
-def _err(x: torch.Tensor, truth: torch.Tensor) -> float:
-    return (x.double() - truth.double()).abs().max().item() if truth.numel() else 0.0
-
-
-def check_rule(native, reference, truth, label, ulps=4):
-    """max|native - truth| <= 2 x max|reference - truth| + `ulps` units of the native output's dtype at the truth's
-    scale. Returns (native error, reference error) for the log."""
-    err, ref_err = _err(native, truth), _err(reference, truth)
-    scale = truth.double().abs().max().item() if truth.numel() else 0.0
-    floor = ulps * torch.finfo(native.dtype).eps * scale
-    print(f"{label}: native {err:.3e}, reference {ref_err:.3e}, floor {floor:.1e}")
-    assert native.dtype == reference.dtype and native.shape == reference.shape, label
-    assert err <= 2 * ref_err + floor, f"{label}: {err:.3e} > 2 x {ref_err:.3e} + {floor:.1e}"
-    return err, ref_err
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +336,7 @@ def test_missing_build_warns_once_and_runs_the_reference(tmp_path, record):
     path = tmp_path / "_native_build.json"
     if record:
         path.write_text(json.dumps(record))
-    environ = {k: v for k, v in os.environ.items() if k not in FLAGS}
+    environ = {k: v for k, v in os.environ.items() if k not in BACKEND_FLAGS}
     done = subprocess.run([sys.executable, "-c", MISSING_BUILD, str(path)], capture_output=True, text=True,
                           cwd=REPO, env=environ, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -433,7 +398,7 @@ def test_setup_failure_is_recorded_and_does_not_fail(tmp_path):
 
 def test_info_names_every_op_its_backends_and_the_build():
     done = subprocess.run([sys.executable, "-m", "nftcore.info", "--json"], capture_output=True, text=True, cwd=REPO,
-                          timeout=120, env={k: v for k, v in os.environ.items() if k not in FLAGS})
+                          timeout=120, env={k: v for k, v in os.environ.items() if k not in BACKEND_FLAGS})
     assert done.returncode == 0, done.stderr
     info = json.loads(done.stdout)
     ops = {row["op"]: row for row in info["ops"]}

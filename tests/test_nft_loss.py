@@ -7,36 +7,7 @@ import torch
 
 from nftcore.ops import NFTLossOutput, last_backend, nft_loss
 from nftcore.ops.dispatch import Backend
-from nftcore.ops.reference import nft_loss_reference
-
-
-def numpy_nft_loss(v_theta, v_old, x_t, x0, t, r, *, beta=1.0, loss_scale=5.0, mask=None, v_ref=None,
-                   kl_weight=0.0, negative_weight=1.0):
-    """An independent float64 loop over samples, written straight from the formulas."""
-    v_theta, v_old, x_t, x0 = (np.asarray(a, dtype=np.float64) for a in (v_theta, v_old, x_t, x0))
-    batch = v_theta.shape[0]
-    mask = np.ones(batch) if mask is None else np.asarray(mask, dtype=np.float64)
-    per_sample, policy, kl = [], [], []
-    for i in range(batch):
-        branch = {}
-        for name, v in (("pos", beta * v_theta[i] + (1 - beta) * v_old[i]),
-                        ("neg", (1 + beta) * v_old[i] - beta * v_theta[i])):
-            err = x_t[i] - t[i] * v - x0[i]
-            branch[name] = np.mean(err ** 2) / max(np.mean(np.abs(err)), 1e-5)
-        p = loss_scale / beta * (r[i] * branch["pos"] + negative_weight * (1 - r[i]) * branch["neg"])
-        k = kl_weight * np.mean((v_theta[i] - v_ref[i]) ** 2) if v_ref is not None else 0.0
-        policy.append(p)
-        kl.append(k)
-        per_sample.append(p + k)
-    denom = max(mask.sum(), 1.0)
-    return dict(
-        loss=float(np.dot(mask, per_sample) / denom),
-        policy_loss=float(np.dot(mask, policy) / denom),
-        kl_loss=float(np.dot(mask, kl) / denom),
-        per_sample=np.array(per_sample),
-        old_deviate=float(sum(mask[i] * np.mean((v_theta[i] - v_old[i]) ** 2) for i in range(batch)) / denom),
-        x0_norm=float(sum(mask[i] * np.mean((x_t[i] - t[i] * v_theta[i]) ** 2) for i in range(batch)) / denom),
-    )
+from nftcore.ops.reference import nft_loss_reference, numpy_nft_loss
 
 
 def random_inputs(shape=(3, 7, 5), dtype=torch.float64, seed=0):

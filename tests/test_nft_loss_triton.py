@@ -14,14 +14,14 @@ written once in the low precision, within one ulp of the fp32 reference gradient
 
 import sys
 
+import nftcore.kernels.nft_loss as kernel
 import pytest
 import torch
 
-import nftcore.kernels.nft_loss as kernel
 from nftcore.ops import NFTLossOutput, last_backend, nft_loss
 from nftcore.ops.dispatch import Backend, interpreter_active, triton_available
 from nftcore.ops.reference import nft_loss_reference
-from tests.aot import H100_SHARED_LIMIT, AOTSpec, compile_many
+from tests.helpers.aot import H100_SHARED_LIMIT, AOTSpec, compile_many
 
 op_module = sys.modules["nftcore.ops.nft_loss"]  # `nftcore.ops.nft_loss` the attribute is the function
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

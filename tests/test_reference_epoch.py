@@ -1,5 +1,5 @@
-"""bench/reference_epoch.py computes the training step nftcore's trainer computes, and differs where nftcore's loop
-documents that it does.
+"""nftcore/testing/reference_epoch.py (bench/bench_epoch.py's baseline) computes the training step nftcore's trainer
+computes, and differs where nftcore's loop documents that it does.
 
 Both sides get the same inputs: the tiny demo policy (`model.path="tiny"`) as nftcore's MMDiT and, exported, as
 diffusers' `FluxTransformer2DModel` + PEFT; the same adapters ("default", "old" set to distinct random values, so
@@ -47,8 +47,8 @@ ORDER_FILTERED = [0, 2, 1, 4, 3, 5]  # reference micro-batches [0 2] [1 4] [3 5]
 
 
 def _config(tmp: Path, groups: int):
-    from bench.bench_epoch import demo_args
     from nftcore.config import load_config
+    from nftcore.testing.reference_epoch import demo_args
 
     # kl_weight and beta away from the recipe's 1e-4 / 1 so the KL term and the old-velocity mix weigh in the gradient
     return load_config(demo_args(tmp / "out", smoke=True) + [
@@ -60,7 +60,7 @@ class Sides:
     """nftcore's trainer and the reference on the same weights, in one dtype, with hooks counting forward rows."""
 
     def __init__(self, cfg, tmp: Path, dtype: torch.dtype):
-        from bench.reference_epoch import DemoFrontend, ReferenceEpoch, initial_adapters
+        from nftcore.testing.reference_epoch import DemoFrontend, ReferenceEpoch, initial_adapters
         from nftcore.trainer import Role, Trainer
         from nftcore.trainer.distributed import DistEnv
 
@@ -87,7 +87,7 @@ class Sides:
 
     def inputs(self, scores: list[float]):
         """Latents, both conditionings, advantages (official arithmetic), r, mask and nftcore's per-sample draws."""
-        from bench.reference_epoch import official_advantages, optimality
+        from nftcore.testing.reference_epoch import official_advantages, optimality
         from nftcore.trainer.rollout import Rollouts
         from nftcore.trainer.seeding import sample_timesteps, sample_train_noise
 
@@ -120,7 +120,7 @@ class Sides:
 
     def reference_step(self, x0, cond, advantages, valid, steps, noise, order) -> tuple[float, dict]:
         """`ReferenceEpoch.accumulate` over all the epoch's micro-batches (one optimizer step): (loss, gradients)."""
-        from bench.reference_epoch import Draws
+        from nftcore.testing.reference_epoch import Draws
 
         for p in self.ref.trainable:
             p.grad = None
@@ -169,8 +169,8 @@ def sides(tmp_path_factory):
 def test_official_advantages_match_nftcore(tmp_path):
     """The reference's stat-tracker arithmetic gives nftcore's r (to float32 rounding: nftcore's r is float32) and
     the same low-variance decisions."""
-    from bench.reference_epoch import official_advantages, optimality
     from nftcore.nft import low_variance_filter, rewards_to_optimality
+    from nftcore.testing.reference_epoch import official_advantages, optimality
 
     cfg = _config(tmp_path, 3)
     scores = torch.tensor(SCORES_FILTERED, dtype=torch.float64)

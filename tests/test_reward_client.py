@@ -13,7 +13,7 @@ import torch
 
 from nftcore.reward import HTTPReward, RewardResult, WeightedSum
 from nftcore.reward.base import MAX_REASON_CHARS, NONFINITE_REASON, format_error_summary, summarize_errors
-from tests.test_reward_server import record_backoffs, small_batch
+from tests.helpers.reward_server import record_backoffs, small_batch
 
 GUARD_S = 30  # turns a hang into a failure; never what a test waits for
 

@@ -29,8 +29,9 @@ from nftcore.reward.server import (
     is_loopback,
     main,
 )
-from tests.reward_fixtures import random_images, tiny_scorer
-from tests.test_reward_server import FakeScorer, count_attempts, payload, raw_post, small_batch
+from nftcore.testing.tiny_judge import random_images
+from tests.helpers.judges import tiny_scorer
+from tests.helpers.reward_server import FakeScorer, count_attempts, payload, raw_post, small_batch
 
 GUARD_S = 30  # turns a hang into a failure; never what a test waits for
 

@@ -14,13 +14,21 @@ import numpy as np
 import pytest
 import torch
 
-from nftcore.reward import (DIGIT_RUBRIC, YES_NO_RUBRIC, MLLMReward, MLLMScorer, RewardResult, WeightedSum,
-                            answer_token_ids, digit_rubric)
+from nftcore.reward import (
+    DIGIT_RUBRIC,
+    YES_NO_RUBRIC,
+    MLLMReward,
+    MLLMScorer,
+    RewardResult,
+    WeightedSum,
+    answer_token_ids,
+    digit_rubric,
+)
 from nftcore.reward.prompt import Rubric
+from nftcore.testing.reference_judge import expected_value_score, judge_logits
+from nftcore.testing.tiny_judge import TEST_MAX_PIXELS, TEST_MIN_PIXELS, qwen_tokenizer, random_images
 from nftcore.utils.qwen_vl import build_processor, load_image_processor
-from tests.reward_fixtures import (TEST_MAX_PIXELS, TEST_MIN_PIXELS, expected_value_score, grouped_batch,
-                                   qwen_tokenizer, random_images, reference_answer_logits, tiny_judge_folder,
-                                   tiny_scorer)
+from tests.helpers.judges import grouped_batch, tiny_judge_folder, tiny_scorer
 
 TOL = 1e-5
 
@@ -46,10 +54,8 @@ def reference_processor():
 
 def reference_logits(scorer: MLLMScorer, edited, sources, instructions, requirements, *, use_generate=False):
     """[B, K] answer logits from transformers' own forward (or generate), through the stock-processor path."""
-    texts = [scorer.conversation_text(i, r) for i, r in zip(instructions, requirements)]
-    images = [im for pair in zip(sources, edited) for im in pair]  # per conversation: source, then edited
-    return reference_answer_logits(scorer.model, reference_processor(), texts, images, scorer.answer_ids,
-                                   use_generate=use_generate)
+    return judge_logits(scorer, reference_processor(), edited, sources, instructions, requirements,
+                        use_generate=use_generate)
 
 
 def expected_score(logits: torch.Tensor, rubric: Rubric = DIGIT_RUBRIC) -> torch.Tensor:

@@ -11,56 +11,16 @@ import json
 import math
 import socket
 import threading
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from nftcore.reward import HTTPReward, MLLMReward, http_client
+from nftcore.reward import HTTPReward, MLLMReward
 from nftcore.reward.http_client import encode_image
 from nftcore.reward.server import RewardServer
-from tests.reward_fixtures import grouped_batch, random_images, tiny_scorer
-
-
-class FakeScorer:
-    """score = len(prompt) / 100, or NaN for the prompt "nan"; raises on the prompt "boom"; records batch sizes.
-    With a `gate`, every call first waits until the test opens it (a judge that hangs until told otherwise)."""
-
-    def __init__(self, gate: threading.Event | None = None):
-        self.gate = gate
-        self.batches: list[int] = []
-
-    def score(self, edited, sources, prompts, requirements):
-        assert len(edited) == len(sources) == len(prompts) == len(requirements)
-        if self.gate is not None:
-            self.gate.wait()
-        if "boom" in prompts:
-            raise RuntimeError("the judge exploded")
-        self.batches.append(len(prompts))
-        return torch.tensor([math.nan if p == "nan" else len(p) / 100 for p in prompts])
-
-
-def small_batch(prompts):
-    images = random_images(0, [(16, 16)] * len(prompts))
-    return images, images, list(prompts), [{"requirement": "r"} for _ in prompts]
-
-
-def raw_post(url: str, body: bytes, headers: dict | None = None, path: str = "/score") -> tuple[int, dict]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=10)
-    try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
-
-
-def payload(n: int = 2, **override) -> dict:
-    images = [encode_image(im) for im in random_images(1, [(16, 16)] * n)]
-    body = {"edited": images, "sources": images, "prompts": ["p"] * n, "requirements": ["r"] * n}
-    body.update(override)
-    return body
+from nftcore.testing.tiny_judge import random_images
+from tests.helpers.judges import grouped_batch, tiny_scorer
+from tests.helpers.reward_server import FakeScorer, count_attempts, payload, raw_post, record_backoffs, small_batch
 
 
 def test_remote_scores_equal_in_process_scores():
@@ -128,20 +88,6 @@ def test_failed_request_does_not_fail_its_batch_neighbours_and_nan_is_invalid():
         server.worker.batch_wait = 0.0  # a lone request from here on
         res = client(*small_batch(["nan", "abc"]))  # a non-finite judge output travels as null -> invalid
         assert res.valid.tolist() == [False, True] and math.isnan(res.scores[0]) and res.scores[1] == 0.03
-
-
-def count_attempts(client: HTTPReward) -> list:
-    """Record each HTTP attempt `client` makes (its path), without changing what the attempt does."""
-    attempts, post = [], client._post
-    client._post = lambda path, body: (attempts.append(path), post(path, body))[1]
-    return attempts
-
-
-def record_backoffs(monkeypatch) -> list:
-    """The client's backoff waits, recorded instead of slept."""
-    waits = []
-    monkeypatch.setattr(http_client, "time", SimpleNamespace(sleep=waits.append))
-    return waits
 
 
 def test_killed_server_gives_invalid_samples_after_bounded_retries(monkeypatch):

@@ -6,20 +6,16 @@ same measurement."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.bench import run_bench
+from tests.helpers.jobs import needs_torchrun
 
 
-@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not in the venv")
+@needs_torchrun
 def test_rollout_and_eval_gather_each_block_once_per_call_or_phase_and_change_no_number(tmp_path):
-    from bench import bench_rollout_gathers
-
     out = tmp_path / "counts.json"
-    bench_rollout_gathers.main(["--smoke", "--no-record", "--epochs", "2", "--warmup", "1", "--json", str(out)])
+    run_bench("bench_rollout_gathers.py", ["--smoke", "--no-record", "--epochs", "2", "--warmup", "1", "--json",
+                                           str(out)])
     modes = json.loads(out.read_text())  # main() checked every rank and epoch counted the same
     groups, calls = modes["batch"]["fsdp_groups"], modes["batch"]["rollout_calls"]
     assert groups == 3 and calls == 2  # tiny policy: two blocks and the root; 2 samples per rank, batch 1

@@ -18,10 +18,12 @@ import torch
 
 from nftcore.ops import last_backend, score_logits
 from nftcore.ops.dispatch import Backend, native_available
+from nftcore.ops.reference import naive_score_logits
+from nftcore.testing.memory import peak_allocated_bytes
+from nftcore.testing.tiny_judge import QWEN_DIGIT_IDS
 
 sl_mod = importlib.import_module("nftcore.ops.score_logits")  # the module (the package attribute is the function)
 
-FLAGS = ("NFTCORE_DISABLE_TRITON", "NFTCORE_FORCE_TRITON", "NFTCORE_DISABLE_NATIVE")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Added to 2x PyTorch's own error so a near-exact PyTorch result cannot make the bound vanish: a few fp32 ulps at the
 # |log p| ~ 10-20 of a 19k vocabulary (the op's output is fp32 whatever the input dtype).
@@ -29,15 +31,7 @@ EPS = 2e-5
 # Where the Triton tests run: the GPU when there is one, else CPU tensors through the interpreter (conftest sets
 # TRITON_INTERPRET=1 on machines without CUDA; NFTCORE_FORCE_TRITON=1 then sends CPU tensors to the kernels).
 TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-QWEN_DIGIT_IDS = [15, 16, 17, 18, 19, 20]  # "0".."5" in the Qwen2/2.5 tokenizer (Edit-R1's score_idx)
 QWEN_VOCAB = 151936  # Qwen2.5-VL-3B's head rows
-
-
-@pytest.fixture
-def env(monkeypatch):
-    for flag in FLAGS:
-        monkeypatch.delenv(flag, raising=False)
-    return monkeypatch
 
 
 def use_backend(env, backend: str) -> torch.device:
@@ -54,15 +48,6 @@ def use_backend(env, backend: str) -> torch.device:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Oracle and inputs.
-
-
-def naive_score_logits(hidden, weight, token_ids, mode="subset", dtype=torch.float64):
-    """The obvious PyTorch: [M, V] logits in `dtype`, log_softmax, gather. Test oracle and benchmark baseline only."""
-    ids = torch.as_tensor(token_ids, dtype=torch.int64, device=hidden.device)
-    z = hidden.to(dtype) @ weight.to(dtype).T  # [M, V]
-    if mode == "full":
-        return torch.log_softmax(z, dim=-1)[:, ids]
-    return torch.log_softmax(z[:, ids], dim=-1)
 
 
 def make_inputs(M, V, H, K, dtype, seed=0, device="cpu"):
@@ -201,31 +186,6 @@ def test_weight_gradient_is_refused(env):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Memory: the fallback holds chunks, never [M, V].
-
-
-def peak_allocated_bytes(fn) -> int:
-    """Peak of (bytes allocated - bytes freed) by torch while `fn` runs, from the profiler's allocation events in time
-    order: a real high-water mark of CPU tensor memory, including temporaries inside ops."""
-    from torch._C._profiler import _EventType
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = []
-
-    def walk(node):
-        if node.tag == _EventType.Allocation:
-            deltas.append((node.start_time_ns, node.extra_fields.alloc_size))
-        for child in node.children:
-            walk(child)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    live = peak = 0
-    for _, size in sorted(deltas):
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -367,7 +327,7 @@ def test_gpu_qwen7b_head(env, M, dtype):
 def _aot_specs():
     """Every distinct shipped partial-kernel config, the finalize kernel in both modes per dtype class, the mixed-dtype
     partial kernel and the largest K tile. Signatures as a launch on torch tensors specialises them."""
-    from tests.aot import AOTSpec
+    from tests.helpers.aot import AOTSpec
 
     kern = importlib.import_module("nftcore.kernels.score_logits")
     mod = "nftcore.kernels.score_logits"
@@ -404,7 +364,7 @@ def _aot_specs():
 @pytest.mark.slow  # 13 compiles in one child: ~15 s on an idle 2-core box, under a minute when it is shared
 def test_every_gpu_config_compiles_for_sm90():
     pytest.importorskip("triton")
-    from tests.aot import H100_SHARED_LIMIT, compile_many
+    from tests.helpers.aot import H100_SHARED_LIMIT, compile_many
 
     results = compile_many(_aot_specs())
     for res in results:

@@ -10,7 +10,7 @@ import torch
 
 from nftcore.config import load_config
 from nftcore.trainer import Role, Trainer
-from tests.test_trainer import tiny_args
+from tests.helpers.trainer import tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -8,38 +8,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from nftcore.trainer import read_metrics
-from tests.test_trainer import run_tiny, tiny_args
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).with_name("torchrun")
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-
-
-def run_job(args: list[str], *, nproc: int = 1, timeout: int = 240) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "nftcore.train", *args]
-    else:
-        cmd = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "nftcore.train", *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result
-
-
-def losses(out: Path) -> list[float]:
-    return [row["loss"] for row in read_metrics(out / "metrics.jsonl")]
-
+from tests.helpers.jobs import TORCHRUN, Gated, run_job
+from tests.helpers.tolerances import relative_gap
+from tests.helpers.trainer import loss_trace, run_tiny, tiny_args
 
 # Epochs of one optimizer step: K·G = 4 samples, as 1 rank × 4 rollout calls, 2 ranks × 2, or 3 ranks with shares of
 # 2, 1, 1 (two calls each: ranks 1 and 2 pad one). Per-sample seeding and the global loss normalisation make every split
@@ -66,25 +43,20 @@ def test_every_multirank_path_runs_to_its_end_and_matches_one_rank(tmp_path, lay
     run_tiny(tmp_path / "one", **{**args, "run.epochs": 3, "nft.timestep_chunk": 1})
     out = tmp_path / "many"
     run_job(tiny_args(out, **{**args, "run.epochs": 2}), nproc=nproc)
-    many = losses(out)
+    many = loss_trace(out)
     for row in read_metrics(out / "metrics.jsonl"):  # throughput per rank, the unit peers publish
         assert abs(row["samples_per_s_per_rank"] * nproc - row["samples_per_s"]) <= 1e-9 * row["samples_per_s"]
     assert (out / "before_after.png").is_file()  # train.py's demo pictures, from rank 0's share
     last = out / "checkpoints" / "epoch-000002"
     assert (last / "COMPLETE").is_file() and (last / "lora_ema" / "peft").is_dir()
     run_job([*tiny_args(out, **{**args, "run.epochs": 3}), "--resume", "latest"])  # on a different world size
-    one, resumed = losses(tmp_path / "one"), losses(out)
+    one, resumed = loss_trace(tmp_path / "one"), loss_trace(out)
     print("1 rank ", one, f"\n{nproc} ranks", many, "\nresumed", resumed)
     assert len(one) == len(resumed) == 3 and len(many) == 2
     assert max(abs(a - b) for a, b in zip(one, resumed)) < 1e-5
     eval_one, eval_many = (read_metrics(tmp_path / run / "eval.jsonl") for run in ("one", "many"))
     assert [row["eval_samples"] for row in eval_many] == [5, 5, 5]
     assert max(abs(a["eval_reward"] - b["eval_reward"]) for a, b in zip(eval_one, eval_many)) < 1e-5
-
-
-def relative_gap(a: list[float], b: list[float]) -> float:
-    assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not in the venv")
@@ -99,7 +71,7 @@ def test_the_default_demo_trains_alike_on_one_two_and_three_ranks(tmp_path):
     runs = {"one": (1, {}), "one-rebatched": (1, {"sampling.batch_size": 11}), "two": (2, {}), "three": (3, {})}
     for name, (nproc, extra) in runs.items():
         run_job([f"--{k}={v}" for k, v in {**epochs, **extra, "run.out": tmp_path / name}.items()], nproc=nproc)
-    trace = {name: losses(tmp_path / name) for name in runs}
+    trace = {name: loss_trace(tmp_path / name) for name in runs}
     evals = {name: [row["eval_reward"] for row in read_metrics(tmp_path / name / "eval.jsonl")] for name in runs}
     rounding = relative_gap(trace["one"], trace["one-rebatched"])
     bound = 4 * rounding + 8 * torch.finfo(torch.float32).eps
@@ -118,48 +90,9 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks(tmp_path):
     out = tmp_path / "moved"
     run_tiny(out, **{**args, "run.epochs": 1})
     run_job([*tiny_args(out, **args), "--resume", "latest"], nproc=2)
-    straight, moved = losses(tmp_path / "straight"), losses(out)
+    straight, moved = loss_trace(tmp_path / "straight"), loss_trace(out)
     print("straight", straight, "\nresharded", moved)
     assert len(moved) == 4 and max(abs(a - b) for a, b in zip(straight, moved)) < 1e-5
-
-
-class Gated:
-    """A job run through tests/gated_job.py: it stops at its reward call number `call` (per process) until released.
-
-    `wait()` returns once every rank has arrived (their pids), or fails if the job ended first; `release()` lets them
-    go on. Synchronised on those events only: the machine's speed changes nothing."""
-
-    def __init__(self, tmp_path: Path, args: list[str], *, call: int, nproc: int = 1):
-        self.gate, self.nproc = tmp_path / "gate", nproc
-        self.gate.mkdir()
-        script = [str(ROOT / "tests" / "gated_job.py"), str(self.gate), str(call), *args]
-        launcher = [sys.executable] if nproc == 1 else [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}"]
-        self.proc = subprocess.Popen([*launcher, *script], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-
-    def wait(self) -> list[int]:
-        arrived = [self.gate / f"arrived-rank{r}" for r in range(self.nproc)]
-        while not all(p.exists() for p in arrived):
-            if self.proc.poll() is not None:
-                out, err = self.proc.communicate()
-                pytest.fail(f"the job ended (exit {self.proc.returncode}) before its gate:\n{out[-2000:]}\n"
-                            f"{err[-4000:]}")
-            time.sleep(0.02)  # polls for the event; how long it takes does not matter
-        return [int(p.read_text()) for p in arrived]
-
-    def release(self, ranks: list[int] | None = None) -> None:
-        """Let `ranks` (default: all) go on; a killed rank must not be named (its FIFO would wait for a reader)."""
-        for r in range(self.nproc) if ranks is None else ranks:
-            with open(self.gate / f"release-rank{r}", "w"):
-                pass
-
-    def finish(self, timeout: int = 240) -> tuple[int, str, str]:
-        try:
-            out, err = self.proc.communicate(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        return self.proc.returncode, out, err
 
 
 def test_kill_minus_9_mid_epoch_then_resume_latest_matches_an_uninterrupted_run(tmp_path):
@@ -177,7 +110,7 @@ def test_kill_minus_9_mid_epoch_then_resume_latest_matches_an_uninterrupted_run(
     assert [p.name for p in (out / "checkpoints").iterdir() if (p / "COMPLETE").exists()] == ["epoch-000001"]
 
     run_job([*tiny_args(out, **args), "--resume", "latest"])
-    straight, resumed = losses(tmp_path / "straight"), losses(out)
+    straight, resumed = loss_trace(tmp_path / "straight"), loss_trace(out)
     assert [r["step"] for r in _rows(metrics)] == [1, 2, 3, 4]
     assert resumed == straight
 

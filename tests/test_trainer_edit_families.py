@@ -10,7 +10,6 @@ its group or stops the run with a clear message.
 
 from __future__ import annotations
 
-import json
 import math
 import socket
 
@@ -22,13 +21,14 @@ from nftcore.config import load_config
 from nftcore.models import edit_velocity_fn
 from nftcore.reward import MLLMReward
 from nftcore.reward.server import RewardServer
+from nftcore.testing.tiny_judge import random_image
+from nftcore.testing.tiny_pipelines import build_qwen_edit_pipeline
 from nftcore.trainer import Role, Trainer, build_family, read_metrics
-from tests.pipeline_fixtures import build_kontext_pipeline, build_qwen_edit_pipeline
-from tests.reward_fixtures import random_image, tiny_judge_folder, tiny_scorer
+from tests.helpers.edit_runs import PROMPTS, edit_args
+from tests.helpers.judges import tiny_judge_folder, tiny_scorer
 
 pytest.importorskip("diffusers")
 
-PROMPTS = ["make the sky blue", "add a hat to the dog", "remove the cat from the sofa and keep everything else"]
 DEAD_PROMPT = "turn the photo into a watercolor painting"  # the judge crashes on any batch holding it
 
 
@@ -36,45 +36,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tes
 
 
 @pytest.fixture(scope="module")
-def kontext_folder(tmp_path_factory):
-    return build_kontext_pipeline(tmp_path_factory.mktemp("kontext"))
-
-
-@pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit"))
-
-
-@pytest.fixture(scope="module")
 def qwen_plus_folder(tmp_path_factory):
     return build_qwen_edit_pipeline(tmp_path_factory.mktemp("qwen-edit-plus"), "QwenImageEditPlusPipeline")
-
-
-def write_dataset(root, prompts):
-    """The Edit-R1 layout: images/ (non-square, so the centre crop runs), train and test metadata."""
-    (root / "images").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    rows = []
-    for i, prompt in enumerate(prompts):
-        random_image(rng, 48 + 8 * i, 40).save(root / "images" / f"{i}.png")
-        rows.append({"prompt": prompt, "image": f"images/{i}.png", "requirement": f"requirement {i}"})
-    (root / "train_metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "test_metadata.jsonl").write_text(json.dumps(rows[0]) + "\n")
-    return root
-
-
-def edit_args(tmp_path, folder, family, prompts=PROMPTS[:2], **overrides) -> list[str]:
-    options = {
-        "run.out": tmp_path / "out", "run.epochs": 1, "run.seed": 3, "model.family": family, "model.path": folder,
-        "model.dtype": "fp32", "data.path": write_dataset(tmp_path / "data", prompts), "sampling.resolution": 32,
-        "sampling.group_size": 2, "sampling.groups_per_epoch": 2, "sampling.batch_size": 2, "sampling.num_steps": 2,
-        "optim.steps_per_epoch": 1, "lora.rank": 2, "lora.alpha": 4.0, "filter.rule": "none", "eval.every": 0,
-        "metrics.progress": False, "reward.max_retries": 0, "reward.timeout_s": 60.0,
-    }
-    if family == "flux":
-        options["sampling.guidance_scale"] = 2.5
-    options.update(overrides)
-    return [f"--{k}={v}" for k, v in options.items()]
 
 
 class Recorder:
@@ -230,7 +193,7 @@ def test_sharded_encoders_and_judge_give_the_replicated_losses_on_two_ranks(tmp_
     """parallel.shard_text_encoder=true (FSDP2 over the frozen T5 + CLIP, or Qwen2.5-VL) and
     parallel.shard_reward_model=true (FSDP2 over the in-process judge, scoring in step) under torchrun: the same
     rewards and losses as whole copies on every rank, so sharding changes where the weights live, not the numbers."""
-    from tests.test_trainer_distributed import TORCHRUN, run_job
+    from tests.helpers.jobs import TORCHRUN, run_job
 
     if not TORCHRUN.exists():
         pytest.skip("torchrun not in the venv")
@@ -283,7 +246,7 @@ def test_an_edit_r1_recipe_runs_unchanged_on_two_ranks_with_uneven_shares(tmp_pa
     """`--config kontext_edit_r1` (sharded text encoders, as the recipe has it) with FSDP2 on the transformer and
     K·G = 3 samples: shares of 2 and 1 in rollout calls of one, so rank 1 pads a call (conditioning and transformer
     collectives included) and the update pads a micro-batch. Same rewards and loss as one process."""
-    from tests.test_trainer_distributed import TORCHRUN, run_job
+    from tests.helpers.jobs import TORCHRUN, run_job
 
     if not TORCHRUN.exists():
         pytest.skip("torchrun not in the venv")

@@ -15,7 +15,7 @@ from nftcore.trainer import Trainer, read_metrics
 from nftcore.trainer.metrics import MetricsLogger, format_step
 from nftcore.trainer.perf import FlopCounter, peak_flops, throughput
 from nftcore.trainer.trackers import build_trackers
-from tests.test_trainer import tiny_args
+from tests.helpers.trainer import tiny_args
 
 ROW = {"epoch": 1, "step": 4, "loss": 0.5, "policy_loss": 0.49, "kl_loss": 4e-4, "reward_mean": 0.512,
        "reward_std": 0.101, "filtered_fraction": 0.25, "invalid_rewards": 3, "grad_norm": 0.31, "old_deviate": 1.2e-3,

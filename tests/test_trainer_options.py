@@ -11,7 +11,7 @@ import torch
 
 from nftcore.config import ConfigError, load_config
 from nftcore.trainer import DistEnv, Trainer, read_metrics
-from tests.test_trainer import run_tiny, tiny_args
+from tests.helpers.trainer import run_tiny, tiny_args
 
 
 def test_model_dtype_stores_the_demo_base_in_bf16_with_fp32_adapters(tmp_path):

@@ -2,7 +2,8 @@
 
 Written for clarity, in the notation of the DiffusionNFT paper, with autograd doing the differentiation. The fallback
 backends in the op modules reuse these forwards and add closed-form backwards, which the tests check against autograd
-here.
+here. At the end, the naive oracles (`naive_score_logits`, `naive_attention`, `numpy_nft_loss`): the one home of the
+obvious computations the tests check the ops against in float64 and the benchmarks time as a baseline.
 """
 
 from __future__ import annotations
@@ -101,4 +102,67 @@ def nft_loss_reference(
         per_sample=policy_per_sample + kl_per_sample,
         old_deviate=old_deviate,
         x0_norm=x0_norm,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Naive oracles: the obvious computation, no memory or speed tricks; tests compare the ops (and their references)
+# with these in float64, and benchmarks use them as the baseline a caller would write without the op.
+
+
+def naive_score_logits(hidden, weight, token_ids, mode="subset", dtype=torch.float64):
+    """The obvious PyTorch: [M, V] logits in `dtype`, log_softmax, gather. Test oracle and benchmark baseline only."""
+    ids = torch.as_tensor(token_ids, dtype=torch.int64, device=hidden.device)
+    z = hidden.to(dtype) @ weight.to(dtype).T  # [M, V]
+    if mode == "full":
+        return torch.log_softmax(z, dim=-1)[:, ids]
+    return torch.log_softmax(z[:, ids], dim=-1)
+
+
+def naive_attention(q, k, v, mask=None, rope=None, scale=None):
+    """softmax(RoPE(q)·RoPE(k)ᵀ·scale)·v in the inputs' own dtype, every op plain PyTorch, [B, N, H, D] layout.
+    Fully masked rows give zeros (the op's documented choice)."""
+    from .attention import rotate_pairs  # deferred: the op module is not needed by the loss references
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if rope is not None:
+        q, k = rotate_pairs(q, *rope), rotate_pairs(k, *rope)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # [B, H, N_q, N_k]
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = torch.where(mask.any(-1)[:, None, None, None], p, torch.zeros_like(p))  # NaN rows → 0
+    return torch.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+def numpy_nft_loss(v_theta, v_old, x_t, x0, t, r, *, beta=1.0, loss_scale=5.0, mask=None, v_ref=None,
+                   kl_weight=0.0, negative_weight=1.0):
+    """An independent float64 loop over samples, written straight from the formulas (numpy, no autograd): the oracle
+    of `nft_loss_reference` itself."""
+    import numpy as np
+
+    v_theta, v_old, x_t, x0 = (np.asarray(a, dtype=np.float64) for a in (v_theta, v_old, x_t, x0))
+    batch = v_theta.shape[0]
+    mask = np.ones(batch) if mask is None else np.asarray(mask, dtype=np.float64)
+    per_sample, policy, kl = [], [], []
+    for i in range(batch):
+        branch = {}
+        for name, v in (("pos", beta * v_theta[i] + (1 - beta) * v_old[i]),
+                        ("neg", (1 + beta) * v_old[i] - beta * v_theta[i])):
+            err = x_t[i] - t[i] * v - x0[i]
+            branch[name] = np.mean(err ** 2) / max(np.mean(np.abs(err)), 1e-5)
+        p = loss_scale / beta * (r[i] * branch["pos"] + negative_weight * (1 - r[i]) * branch["neg"])
+        k = kl_weight * np.mean((v_theta[i] - v_ref[i]) ** 2) if v_ref is not None else 0.0
+        policy.append(p)
+        kl.append(k)
+        per_sample.append(p + k)
+    denom = max(mask.sum(), 1.0)
+    return dict(
+        loss=float(np.dot(mask, per_sample) / denom),
+        policy_loss=float(np.dot(mask, policy) / denom),
+        kl_loss=float(np.dot(mask, kl) / denom),
+        per_sample=np.array(per_sample),
+        old_deviate=float(sum(mask[i] * np.mean((v_theta[i] - v_old[i]) ** 2) for i in range(batch)) / denom),
+        x0_norm=float(sum(mask[i] * np.mean((x_t[i] - t[i] * v_theta[i]) ** 2) for i in range(batch)) / denom),
     )

@@ -18,8 +18,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from nftcore.reward import MLLMScorer
+from nftcore.testing.tiny_judge import TEST_MAX_PIXELS, TEST_MIN_PIXELS, random_images
 from nftcore.trainer.inference_sharding import shard_judge
-from tests.reward_fixtures import TEST_MAX_PIXELS, TEST_MIN_PIXELS, grouped_batch, random_images
+from tests.helpers.judges import grouped_batch
 
 
 def batches(rank: int) -> list[tuple]:
@@ -65,7 +66,8 @@ def main(out: str, *folders: str) -> None:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo")
     rank = dist.get_rank()
-    Path(out, f"rank-{rank}.json").write_text(json.dumps([check(folder, rank, device, k == 0) for k, folder in enumerate(folders)]))
+    results = [check(folder, rank, device, k == 0) for k, folder in enumerate(folders)]
+    Path(out, f"rank-{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
 

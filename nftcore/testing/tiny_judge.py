@@ -1,4 +1,5 @@
-"""Tiny Qwen2.5-VL judges with the real Qwen2 vocabulary, shared by the reward tests and `bench/bench_scorer.py`.
+"""Tiny random Qwen2.5-VL judges with the real Qwen2 vocabulary, and random images to judge, built offline: the
+reward tests, the text encoder of the tiny Qwen-Image-Edit pipeline and the scorer / epoch benchmarks use them.
 
 Building the 151k-token tokenizer costs seconds, so it is built once per process (`qwen_tokenizer()` is cached) and
 saved once per folder. The models are random, so their scores mean nothing; what the tests need is that the scores
@@ -8,28 +9,29 @@ would make "equal within 1e-5" nearly vacuous), so `build_tiny_judge` scales the
 
 from __future__ import annotations
 
-import atexit
 import functools
-import shutil
-import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from nftcore.utils.qwen_vl import build_image_processor, build_qwen2_tokenizer
+if TYPE_CHECKING:  # transformers is imported where a model is built: importing this module stays light
+    from transformers import Qwen2_5_VLConfig
 
 # Test image bounds: 56x56 .. 112x112 pixels -> 4 .. 16 image tokens per image, so a test batch stays small.
 TEST_MIN_PIXELS = 56 * 56
 TEST_MAX_PIXELS = 112 * 112
 ANSWER_TOKENS = ("0", "1", "2", "3", "4", "5", "Yes", "No")
+QWEN_DIGIT_IDS = [15, 16, 17, 18, 19, 20]  # "0".."5" in the Qwen2/2.5 tokenizer (Edit-R1's score_idx)
 
 
 @functools.cache
 def qwen_tokenizer():
     """The real-vocabulary Qwen2.5-VL tokenizer (left padding), built once per process."""
+    from nftcore.utils.qwen_vl import build_qwen2_tokenizer
+
     return build_qwen2_tokenizer()
 
 
@@ -38,6 +40,8 @@ def tiny_config(tokenizer, *, hidden: int = 64, layers: int = 2, heads: int = 4,
                 vision_heads: int = 2, vision_intermediate: int = 64, tie_word_embeddings: bool = False,
                 attn_implementation: str = "sdpa") -> Qwen2_5_VLConfig:
     """A Qwen2.5-VL config of any small size; `mrope_section` must sum to head_dim / 2 = hidden / heads / 2."""
+    from transformers import Qwen2_5_VLConfig
+
     assert sum(mrope_section) * 2 == hidden // heads, "mrope_section must sum to head_dim / 2"
     ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
@@ -65,6 +69,8 @@ def build_tiny_judge(tokenizer=None, *, seed: int = 0, answer_scale: float = 10.
     (the context reaches the last position) and `answer_scale` the answer tokens' head rows (the distribution over
     answers is far from uniform): with the defaults the scores of a test batch spread by a few 1e-2.
     """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
     tokenizer = tokenizer or qwen_tokenizer()
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, **config_kwargs)).eval()
@@ -82,6 +88,8 @@ def save_tiny_judge(folder: str | Path, model=None, tokenizer=None, *, min_pixel
                     max_pixels: int = TEST_MAX_PIXELS) -> Path:
     """Write model + tokenizer + PIL image-processor config to `folder`, the layout `MLLMScorer.from_pretrained`
     loads (the same as a released Qwen2.5-VL checkpoint, minus the video processor)."""
+    from nftcore.utils.qwen_vl import build_image_processor
+
     folder = Path(folder)
     tokenizer = tokenizer or qwen_tokenizer()
     model = model if model is not None else build_tiny_judge(tokenizer)
@@ -100,56 +108,3 @@ def random_image(rng: np.random.Generator, width: int, height: int) -> Image.Ima
 def random_images(seed: int, sizes) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     return [random_image(rng, w, h) for w, h in sizes]
-
-
-@functools.cache
-def tiny_judge_folder() -> Path:
-    """A saved default tiny judge, written once per process to a temporary folder (removed at exit)."""
-    folder = Path(tempfile.mkdtemp(prefix="nftcore-tiny-judge-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return save_tiny_judge(folder)
-
-
-@functools.cache
-def tiny_scorer():
-    """`MLLMScorer.from_pretrained(tiny_judge_folder())` in fp32 on CPU, loaded once per process."""
-    from nftcore.reward import MLLMScorer
-
-    return MLLMScorer.from_pretrained(tiny_judge_folder(), dtype=torch.float32, min_pixels=TEST_MIN_PIXELS,
-                                      max_pixels=TEST_MAX_PIXELS)
-
-
-def grouped_batch(seed: int = 0):
-    """Two groups of K = 3 edits: group 0 (one source, one instruction) has same-size edits; group 1 mixes edit
-    sizes. Returns (edited, sources, instructions, requirements)."""
-    sources = random_images(seed, [(64, 64), (100, 80)])
-    edited = random_images(seed + 1, [(64, 64), (64, 64), (64, 64), (100, 80), (56, 90), (112, 112)])
-    instructions = ["make the sky blue"] * 3 + ["remove the cat from the sofa and keep everything else unchanged"] * 3
-    requirements = ["the sky is blue, nothing else changes"] * 3 + ["no cat remains; the sofa is intact"] * 3
-    return edited, [sources[0]] * 3 + [sources[1]] * 3, instructions, requirements
-
-
-def reference_answer_logits(model, processor, texts, images, answer_ids, *, use_generate: bool = False):
-    """[B, K] fp32 logits of the answer tokens at the first generated position, transformers' way.
-
-    `images` are in conversation order (source, edited, source, edited, ...). `use_generate=False`: the definition,
-    `model(**inputs).logits[:, -1]`; True: Edit-R1's transformers server, `generate(max_new_tokens=1,
-    output_logits=True)` and its first-step logits. Both left-pad through the processor.
-    """
-    inputs = processor(text=list(texts), images=list(images), return_tensors="pt", padding=True)
-    assert (inputs["attention_mask"][:, -1] == 1).all(), "the processor must left-pad"
-    inputs = inputs.to(model.device)
-    with torch.no_grad():
-        if use_generate:
-            out = model.generate(**inputs, max_new_tokens=1, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True)
-            last = out.logits[0]  # [B, V], the raw logits of the first generated position
-        else:
-            last = model(**inputs).logits[:, -1]
-    return last[:, list(answer_ids)].float().cpu()
-
-
-def expected_value_score(logits: torch.Tensor, values) -> torch.Tensor:
-    """(softmax(logits) . values - min) / (max - min): the rubric score from [B, K] answer logits."""
-    v = torch.as_tensor(values, dtype=torch.float32)
-    return (torch.softmax(logits, -1) @ v - v.min()) / (v.max() - v.min())

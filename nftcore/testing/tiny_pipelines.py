@@ -1,9 +1,9 @@
 """Tiny random diffusers pipeline folders, built offline: Qwen-Image-Edit(-Plus) and FLUX.1-Kontext.
 
-Shared by the family parity tests (tests/test_families.py) and the trainer tests on the real families
-(tests/test_trainer_edit_families.py). Each builder writes the released layout into `folder` (model_index.json,
-scheduler/, vae/, text encoder(s) + tokenizer(s) or processor/, transformer/) in well under a second, apart from the
-first call of `qwen_tokenizer()` (the real 151k-token vocabulary, cached per process).
+Used by the family, trainer, cache and editing tests on the real families and by bench/bench_epoch.py's edit configs.
+Each builder writes the released layout into `folder` (model_index.json, scheduler/, vae/, text encoder(s) +
+tokenizer(s) or processor/, transformer/) in well under a second, apart from the first call of `qwen_tokenizer()` (the
+real 151k-token vocabulary, cached per process).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from tests.reward_fixtures import TEST_MAX_PIXELS, TEST_MIN_PIXELS, build_tiny_judge, qwen_tokenizer
+from nftcore.testing.tiny_judge import TEST_MAX_PIXELS, TEST_MIN_PIXELS, build_tiny_judge, qwen_tokenizer
 
 QWEN_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
                       num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type="exponential",

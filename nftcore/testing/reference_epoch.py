@@ -1,4 +1,5 @@
-"""The official-style Edit-R1 / DiffusionNFT epoch: the baseline `bench/bench_epoch.py` times nftcore's trainer against.
+"""The official-style Edit-R1 / DiffusionNFT epoch: the baseline `bench/bench_epoch.py` times nftcore's trainer
+against.
 
 What it is: one epoch (rollouts → rewards → advantages → NFT update → soft update of "old") written the way the
 official Edit-R1 training scripts (`train_nft_kontext.py`, `train_nft_qwen_image_edit.py`, built on DiffusionNFT)
@@ -94,6 +95,19 @@ QWEN_TEXT_TOKENS = 256  # Edit-R1's cap on Qwen2.5-VL tokens after the template 
 OLD_DECAY_PRESETS = {0: (0, 0.0, 0.0), 1: (0, 0.001, 0.5), 2: (75, 0.0075, 0.999)}  # the scripts' return_decay
 
 
+def demo_args(out: Path, smoke: bool) -> list[str]:
+    """The demo recipe as it is, minus evaluation, progress bars and checkpoints (not part of an epoch); `smoke`: the
+    tiny policy, K = G = 2, 2 sampler steps. bench/bench_epoch.py's `demo` config and tests/test_reference_epoch.py's
+    base."""
+    args = ["--config=demo", f"--run.out={out}", "--run.overwrite=true", "--eval.every=0", "--metrics.progress=false",
+            "--metrics.image_every=0", "--checkpoint.save_every=0"]
+    if smoke:
+        args += ["--model.path=tiny", "--sampling.group_size=2", "--sampling.groups_per_epoch=2",
+                 "--sampling.batch_size=2", "--sampling.num_steps=2", "--optim.steps_per_epoch=1", "--lora.rank=2",
+                 "--lora.alpha=4"]
+    return args
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -130,12 +144,14 @@ def to_uint8_pil(images: torch.Tensor) -> list:
 
 
 def judge_reward(scorer, edited: torch.Tensor, samples) -> torch.Tensor:
-    """The `generate(max_new_tokens=1, output_logits=True)` scorer of bench/bench_scorer.py on uint8 PIL images."""
-    from bench.bench_scorer import make_providers
+    """The `generate(max_new_tokens=1, output_logits=True)` scorer (bench/bench_scorer.py's baseline) on uint8 PIL
+    images."""
+    from nftcore.testing.reference_judge import generate_scores
+    from nftcore.utils.qwen_vl import build_processor
 
-    batch = (to_uint8_pil(edited), [s.image for s in samples], [s.prompt for s in samples],
-             [s.requirement for s in samples])
-    return make_providers(scorer, batch)["generate"]().float()
+    processor = build_processor(scorer.tokenizer, scorer.image_processor)
+    return generate_scores(scorer, processor, to_uint8_pil(edited), [s.image for s in samples],
+                           [s.prompt for s in samples], [s.requirement for s in samples]).float()
 
 
 # ================================================================================================== frontends
@@ -196,7 +212,7 @@ class DemoFrontend(FluxCall):
 
 class KontextFrontend(FluxCall):
     """FLUX.1-Kontext through diffusers' `FluxKontextPipeline` (encode_prompt, prepare_latents, scheduler, VAE
-    decode) and the `generate()` judge of bench/bench_scorer.py."""
+    decode) and the `generate()` judge of `reference_judge.py`."""
 
     def __init__(self, cfg, device: torch.device, judge_folder: Path, scorer=None):
         import numpy as np

@@ -1,4 +1,4 @@
-"""Small Triton kernels that exercise `tests/aot.py` (the sm_90 ahead-of-time compile helper).
+"""Small Triton kernels that exercise `tests/helpers/aot.py` (the sm_90 ahead-of-time compile helper).
 
 Kept in their own module because the AOT child process imports the kernel module by name with the interpreter off;
 they are not product kernels and nothing in nftcore imports them.

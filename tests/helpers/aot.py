@@ -6,12 +6,12 @@ instructions a config turns into. `triton.compile(ASTSource(...), target=GPUTarg
 pipeline (TTIR -> TTGIR -> LLVM IR -> PTX -> cubin with Triton's bundled ptxas) without a driver, so CI can check
 every shipped kernel config for sm_90.
 
-The compile runs in a subprocess (`python -m tests.aot`, specs as JSON on stdin, results as JSON on stdout) because
-the test process has `TRITON_INTERPRET=1` set before any kernel module is imported, and a module imported under the
-interpreter keeps interpreter-flavoured `@triton.jit` objects. The child sets `TRITON_INTERPRET=0` and imports the
-kernel module fresh. One child compiles a whole list of specs (`compile_many`): starting Python + torch + triton
-costs about 2 s, one config about 0.3-1 s. Nothing is cached here; Triton keeps its own cache in ~/.triton/cache,
-so `compile_s` is only a compile time when that cache is cold (pass `env={"TRITON_CACHE_DIR": tmp}` to force it).
+The compile runs in a subprocess (`python -m tests.helpers.aot`, specs as JSON on stdin, results as JSON on stdout)
+because the test process has `TRITON_INTERPRET=1` set before any kernel module is imported, and a module imported under
+the interpreter keeps interpreter-flavoured `@triton.jit` objects. The child sets `TRITON_INTERPRET=0` and imports the
+kernel module fresh. One child compiles a whole list of specs (`compile_many`): starting Python + torch + triton costs
+about 2 s, one config about 0.3-1 s. Nothing is cached here; Triton keeps its own cache in ~/.triton/cache, so
+`compile_s` is only a compile time when that cache is cold (pass `env={"TRITON_CACHE_DIR": tmp}` to force it).
 
 Typical use in a test::
 
@@ -38,7 +38,7 @@ from typing import Any, Sequence
 #: Largest dynamic shared memory one block may opt into on H100/H200 (227 KiB): cudaDevAttrMaxSharedMemoryPerBlockOptin.
 H100_SHARED_LIMIT = 232448
 
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 # A PTX instruction (optionally predicated, `@%p1 atom.global...`) that is an atomic RMW or a reduction. Anchored at
 # the start of the line: a bare substring search for "red." also matches "shared.".
 _PTX_ATOMIC = re.compile(r"^\s*(?:@!?%\w+\s+)?(?:atom|red)\.", re.MULTILINE)
@@ -134,8 +134,8 @@ def compile_many(specs: Sequence[AOTSpec], *, timeout: float | None = None,
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), child_env.get("PYTHONPATH", "")) if p)
     timeout = 60.0 + 30.0 * len(specs) if timeout is None else timeout
     try:
-        proc = subprocess.run([sys.executable, "-m", "tests.aot"], input=payload, capture_output=True, text=True,
-                              cwd=_REPO_ROOT, env=child_env, timeout=timeout)
+        proc = subprocess.run([sys.executable, "-m", "tests.helpers.aot"], input=payload, capture_output=True,
+                              text=True, cwd=_REPO_ROOT, env=child_env, timeout=timeout)
     except subprocess.TimeoutExpired:
         error = f"AOT subprocess timed out after {timeout:.0f} s"
         return [AOTResult(label=lab, ok=False, error=error) for lab in labels]
@@ -154,7 +154,7 @@ def _default_label(spec: AOTSpec) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Child side: runs with TRITON_INTERPRET=0 in `python -m tests.aot`.
+# Child side: runs with TRITON_INTERPRET=0 in `python -m tests.helpers.aot`.
 # ----------------------------------------------------------------------------------------------------------------
 
 def _compile_one(spec: dict) -> dict:
