@@ -1,5 +1,6 @@
-"""Benchmark of the fused MMDiT block ops on CPU: `adaln`, `gated_adaln`, `gated_residual`, `rms_norm` (+ RoPE), the
-native C++ kernels (`csrc/block_ops.cpp`, `csrc/rms_norm.cpp`) against the ops' PyTorch reference backend.
+"""Benchmark of the fused MMDiT block ops on CPU: `adaln`, `gated_adaln`, `gated_residual`, `rms_norm` (+ RoPE),
+`gelu_tanh` (the MLP activation, on [B, N, 4C]), the native C++ kernels (`csrc/block_ops.cpp`, `csrc/rms_norm.cpp`,
+`csrc/gelu.cpp`) against the ops' PyTorch reference backend.
 
 Providers, per (op, case, dtype, mode):
 - `reference`: the public op with the native kernels (and Triton) disabled, i.e. its eager PyTorch reference backend
@@ -86,7 +87,7 @@ CASES = {
     "mmdit_bench": _mmdit_bench_case(),
     "demo": _demo_case(),
 }
-OPS = ("adaln", "gated_adaln", "gated_residual", "rms_norm")
+OPS = ("adaln", "gated_adaln", "gated_residual", "rms_norm", "gelu_tanh")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,6 +106,8 @@ def make_inputs(op: str, case: Case, dtype: torch.dtype, seed: int = 0) -> tuple
         angle = torch.arange(N, dtype=torch.float64)[:, None] / 10000 ** (
             torch.arange(case.head_dim // 2, dtype=torch.float64) / (case.head_dim // 2))
         return [q, w], {"rope": (angle.cos().float(), angle.sin().float())}
+    if op == "gelu_tanh":  # the MLP's hidden activations: 4C wide, fc1 outputs of a few units
+        return [(2 * torch.randn(B, N, 4 * C, generator=g)).to(dtype)], {}
     x, y = torch.randn(B, N, C, generator=g).to(dtype), torch.randn(B, N, C, generator=g).to(dtype)
     mod = (0.5 * torch.randn(B, 6 * C, generator=g)).to(dtype)
     shift, scale, gate = mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:3 * C]
@@ -132,11 +135,13 @@ EAGER = {
         x + gate[:, None] * y),
     "gated_residual": lambda x, gate, y: x + gate[:, None] * y,
     "rms_norm": _rms_norm_eager,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 OP = {"adaln": ops.adaln, "gated_adaln": ops.gated_adaln, "gated_residual": ops.gated_residual,
-      "rms_norm": lambda x, w, rope: ops.rms_norm(x, w, EPS, rope=rope)}
+      "rms_norm": lambda x, w, rope: ops.rms_norm(x, w, EPS, rope=rope), "gelu_tanh": ops.gelu_tanh}
 TRUTH = {"adaln": adaln_reference, "gated_adaln": gated_adaln_reference, "gated_residual": gated_residual_reference,
-         "rms_norm": lambda x, w, rope: rms_norm_reference(x, w, EPS, [t.double() for t in rope])}
+         "rms_norm": lambda x, w, rope: rms_norm_reference(x, w, EPS, [t.double() for t in rope]),
+         "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 def _tuple(out) -> tuple[torch.Tensor, ...]:

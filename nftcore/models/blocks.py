@@ -29,7 +29,6 @@ Performance choices, each numerically neutral (fp32 parity with diffusers is tes
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from nftcore import ops
@@ -41,7 +40,7 @@ Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 def _gelu(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
+    return ops.gelu_tanh(x)  # F.gelu(x, approximate="tanh"), as nftcore's op (native on CPU)
 
 
 class MLP(nn.Module):
