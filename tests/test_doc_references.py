@@ -9,14 +9,14 @@ The rules, each checked per line:
 (a) Section references. "§N", "§N.M", ... name a numbered heading ("## N. Title", "### N.M Title") of
     docs/ALGORITHM.md; "§§N-M" / "§N–M" ranges and "§§N, M" lists name each end / each entry. Whatever follows the
     number is prose ("§4.2 a", "§1.2 step 3"). A reference written right after a Markdown file name, at most three
-    non-word characters apart ("docs/TRAINING.md §2", "TRAINING.md, §2", "`X.md` (§2)"), names that file's
+    non-word characters apart ("docs/TRAINING.md §2", "TRAINING.md, §2", "`<file>.md` (§2)"), names that file's
     numbered headings instead. Papers and outside sources are cited as "Sec. N", never with "§", so "§" always
     means an nftcore document.
 (b) Titled references. A Markdown file name followed on the same line by a quoted title
     ("docs/TRAINING.md, \"Cached conditioning\"", "bench/RESULTS.md (\"Embedded demo\")") must name a heading of
     that file: the title, compared case-insensitively and without backticks or emphasis, occurs in one of its
     headings. A quoted title with no file name before it is not checked.
-(c) Paths. A Markdown file named with a folder ("docs/X.md", "csrc/README.md") exists, from the repository root or
+(c) Paths. A Markdown file named with a folder ("docs/<file>.md", "csrc/README.md") exists, from the repository root or
     from the citing file's folder (a relative link); a bare name ("RESULTS.md") is the name of some file of the
     repository. URLs are skipped.
 (d) The repository stands on its own: no file names the design notes kept outside it (the STYLE, TARGETS,
