@@ -8,6 +8,8 @@ built (an editable install whose sources moved on: rebuild). Importing the modul
 the only caller on the hot path; `python -m nftcore.info` prints the whole status.
 
     python -m nftcore._native     # one line: built / skipped / failed and why (scripts/dev.sh prints it)
+
+See docs/DESIGN.md §6.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ The ops are found without a registry: every public function of `nftcore.ops` who
 implementation table (`*FORWARD_IMPLS` / `*BACKWARD_IMPLS`, the dicts handed to `dispatch`); a module with several
 ops names its tables after them (`ADALN_FORWARD_IMPLS` for `adaln`). Backends are picked with the dispatcher's own
 `select_backend`, for float32 inputs (fp64 always runs the reference).
+
+How each op picks its backend: docs/DESIGN.md §5 (point 3).
 """
 
 from __future__ import annotations

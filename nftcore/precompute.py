@@ -15,6 +15,8 @@ already valid, bytes written.
 Errors end the job with one line, `nftcore.precompute: <message>` on stderr: exit code 2 for a bad option or a
 config the family cannot use, 1 for a missing model or dataset, an unreadable image (unless data.bad_lines = skip,
 which skips and counts it) or a cache folder that cannot be written.
+
+See docs/TRAINING.md, "Cached conditioning".
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ every rank meets the same one at the same point, before any collective or on the
 them reach `shutdown`'s barrier. An error only some ranks hit (a file missing on one node) leaves the others in
 their next collective until torchrun stops the job, as any one-rank crash does, and is printed only if rank 0 is
 among them: look at the other ranks' exit codes then.
+
+Recipes and options: README.md; what the loop computes: docs/ALGORITHM.md §5; running at scale, stopping and
+resuming: docs/TRAINING.md.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Image paths are relative to `images` (default: the file's folder). A line that c
 (its key, `file:line` and the reason) instead of stopping the read: a benchmark run records it and goes on.
 `load_source_image` decodes a source as the dataset does (PNG/JPEG/WEBP only, EXIF orientation, RGB), after checking
 its size from the header, so a tiny or gigantic image is a clear error before anything is decoded.
+
+See docs/INFERENCE.md, "Prompt-list formats".
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ What differs from the reference, and why:
   not every image with that wording. Two lines with the same image and prompt would be one group under two rows, so
   such a duplicate is a bad line.
 - **The epoch sampler is a pure function** of (sample ids, seed, epoch, bans): every rank computes the same list of
-  groups with no communication, and a resumed run redraws exactly the epochs it would have drawn.
+  groups with no communication, and a resumed run redraws exactly the epochs it would have drawn (§5.2).
+  `derive_seed` gives every other random draw its own seed (§8, docs/DESIGN.md §3).
 """
 
 from __future__ import annotations

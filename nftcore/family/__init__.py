@@ -7,6 +7,8 @@ that the families themselves (`nftcore.demo.family`, `nftcore.trainer.edit_famil
 - `protocol`: the `PolicyFamily` protocol and the `model.dtype` names (`MODEL_DTYPES`);
 - `conditioning`: rows of one editing conditioning and several concatenated, which every family's
   `index_conditioning` / `cat_conditioning` delegate to.
+
+Where this sits among the layers: docs/DESIGN.md §1.
 """
 
 from nftcore.family.conditioning import cat_conditioning, index_conditioning

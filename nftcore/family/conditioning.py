@@ -10,6 +10,8 @@ right-pads to the longest with zero embeddings and a 0 mask (masked keys get no 
 positions depend only on a token's own index, so padding changes no real token's output); indexing trims the
 columns no selected row uses, so a micro-batch of short instructions does not pay for a long one elsewhere.
 FLUX pads T5 to a fixed length, so its rows always line up; its ids are shared by the whole batch.
+
+Where the conditioning comes from and goes: docs/DESIGN.md §2 (steps 2 and 6).
 """
 
 from __future__ import annotations

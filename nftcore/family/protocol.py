@@ -25,6 +25,8 @@ provides exactly that:
 
 The families: `nftcore.demo.family.DemoFamily` (model.family = 'demo') and `nftcore.trainer.edit_family.EditFamily`
 ('flux', 'qwen_image'); `nftcore.trainer.family.build_family` picks one from the config.
+
+See docs/DESIGN.md §1 (layer 3) and, for what the real families compute, docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

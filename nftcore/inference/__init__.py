@@ -5,6 +5,8 @@
 - `editor`: `Editor`, one loaded model turning (sources, instructions, per-item seeds) into edits.
 - `run`: prompt lists over batches and torchrun ranks, resume, the manifest and the summary.
 - `report`: score tables, the paired base-vs-trained t interval, the comparison grid.
+
+See docs/INFERENCE.md.
 """
 
 from nftcore.inference.editor import Editor, item_seed

@@ -5,6 +5,8 @@ It reuses the trainer's pieces: the family objects of `nftcore.models.families` 
 decoding), `edit_velocity_fn` and `nftcore.sampling` (plus `true_cfg` for the Qwen presets). Each item's starting
 noise comes from its own generator (`item_seed(seed, key)`), so an item's edit does not depend on which batch or
 process it lands in.
+
+See docs/INFERENCE.md, "Determinism, batching, processes".
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ decides which modules get an adapter (any subset of the attention and MLP projec
 adapter is then loaded with `load_adapter` (strict) and, unless the base model is still needed, merged into the
 weights so sampling costs nothing extra. A file that does not fit the model fails before the model is touched,
 naming the first key that does not fit.
+
+See docs/INFERENCE.md, "Presets" (its last paragraph); the layouts: §11.14.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
   variant, which the pipeline folder's model_index.json names.
 
 `preset_for(folder)` picks one from the folder; `resolve(name, **overrides)` applies the command line.
+
+See docs/INFERENCE.md, "Presets".
 """
 
 from __future__ import annotations

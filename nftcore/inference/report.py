@@ -1,5 +1,8 @@
 """What an evaluation run reports: score means (per group), a paired base-vs-trained comparison with a Student-t 95%
-confidence interval, and a (source | base | trained) grid image. Pure Python + PIL: no scipy."""
+confidence interval, and a (source | base | trained) grid image. Pure Python + PIL: no scipy.
+
+See docs/INFERENCE.md, "Outputs".
+"""
 
 from __future__ import annotations
 

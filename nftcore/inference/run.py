@@ -11,6 +11,8 @@ manifest lacks, or `--compare-base` a base edit that is missing. Settings that c
 Manifest: each rank appends one JSON line per item to `OUT/manifest.rank<r>.jsonl` as it goes (a crash loses at
 most the batch in flight); after a barrier, rank 0 merges them, the latest line per item winning, into
 `OUT/manifest.jsonl` in item order, prints the summary and writes `OUT/summary.json`.
+
+See docs/INFERENCE.md, "Determinism, batching, processes" and "Outputs".
 """
 
 from __future__ import annotations

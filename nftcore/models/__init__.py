@@ -2,6 +2,8 @@
 the editing wrappers that turn it into a `velocity_fn(x, sigma)` for sampling and the NFT loss.
 
 Attention goes through `nftcore.ops.attention`; nothing here imports diffusers.
+
+The base models and their inputs: docs/ALGORITHM.md §6; LoRA: §1.7 and §11.14.
 """
 
 from .config import MMDiTConfig

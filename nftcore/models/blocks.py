@@ -24,6 +24,8 @@ Performance choices, each numerically neutral (fp32 parity with diffusers is tes
   as LoRA see ordinary calls;
 - without grad (rollouts) intermediate buffers are released as soon as they are consumed (the `del`s), which sets
   the peak of a sampling step.
+
+The fused ops and their backends: docs/DESIGN.md §5; the two architectures: docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

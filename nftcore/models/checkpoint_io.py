@@ -12,6 +12,8 @@ dtypes; no tensor data read), then each nftcore parameter is allocated once in i
 diffusers parts are copied into it one by one, straight from the memory-mapped file; each shard is unmapped after
 its last tensor. A 20 B model therefore never exists twice, and no state dict of the whole model is ever built.
 Saving holds one output file's tensors at a time, gathering FSDP2-sharded parameters one by one as their file fills.
+
+See docs/ALGORITHM.md §6 (the base models); full fine-tuning exports the EMA in this format (§5.5).
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Why unknown keys and unsupported flags are rejected: newer diffusers versions gr
 `use_additional_t_cond`, `use_layer3d_rope`) that change the math. Loading such a checkpoint into a model that
 silently ignores them would train a different network, so every key is either understood, known to be ignored by
 diffusers itself, or an error that names it.
+
+See docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

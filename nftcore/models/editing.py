@@ -7,6 +7,8 @@ the velocity of the first N tokens (the final layer is not even run on the sourc
 
 The conditioning is computed once per prompt/source pair (frozen encoders) and kept in one small dataclass per
 family. A conditioning of batch 1 is broadcast to any batch of x (a group of rollouts of one prompt) without copies.
+
+Source injection and token layout: docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ guidance and pooled text into the modulation vector `temb` [B, C].
 
 The layers mirror diffusers' `Timesteps` + `TimestepEmbedding` / `PixArtAlphaTextProjection` (Linear, SiLU, Linear),
 including where each family multiplies sigma by 1000 and in which dtype, so fp32 outputs agree to rounding.
+
+See docs/ALGORITHM.md §6 (the families) and §2.1 (the sigma the model receives).
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ GEMM or the attention.
 - `rms_norm` and `modulated_layer_norm`: the blocks' RMSNorm and AdaLN, now the fused ops `nftcore.ops.rms_norm` and
   `nftcore.ops.adaln` (each one autograd node that saves its input and per-row statistics only, never the normalised
   tensor); kept here under their old names for callers of this module.
+
+The fused ops: docs/DESIGN.md §5.
 """
 
 from __future__ import annotations

@@ -31,6 +31,8 @@ named like diffusers (one Linear per module) are matched by suffix (`targets_fro
 Apply LoRA after loading the base weights and before FSDP sharding / torch.compile. The base weight and bias keep
 their Parameter objects and state-dict names (`LoRALinear` *is* an `nn.Linear`); adapter tensors add
 `<path>.lora_A.<adapter>.<segment index>` / `lora_B` entries to `model.state_dict()`.
+
+See docs/ALGORITHM.md §1.7 (targets, rank, init) and §11.14 (one pair per diffusers module).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@
 
 Fused layers are un-fused on the way out and re-fused on the way in: the keys are the diffusers module names that
 `adapter_state` already uses, so nothing here knows about the model's own layout.
+
+See docs/ALGORITHM.md §11.14; when the EMA is exported: §5.5.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ Data flow of one forward (C = heads x head_dim, Nt text tokens, Ni image tokens 
 What differs by family lives in three places: the conditioning embedder, the text input (Qwen-Image's RMSNorm) and
 the RoPE positions. Blocks are `nn.ModuleList`s (`double_blocks`, `single_blocks`) so FSDP2 can shard block by block,
 and each block can be recomputed in backward (`set_activation_checkpointing`).
+
+See docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

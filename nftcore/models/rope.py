@@ -7,6 +7,8 @@ and k inside the attention op. Each axis owns a slice of the head dimension (`ax
 
 Numerics follow diffusers 0.42 exactly where it matters for parity: FLUX computes the angles in float64 (then casts
 the cos/sin to fp32), Qwen-Image in float32 (its tables come from `torch.polar` on fp32 angles).
+
+The source image's positions: docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

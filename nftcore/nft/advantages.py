@@ -2,7 +2,7 @@
 
 DiffusionNFT trains on an optimality probability `r ∈ [0, 1]` per sample, not on the raw reward. The raw reward is
 first centred on its group's mean (a group = the K rollouts of one prompt/sample id in this epoch), scaled by a std,
-and the clipped advantage is mapped linearly onto [0, 1] (§1.2 step 3):
+and the clipped advantage is mapped linearly onto [0, 1] (§1.3, §1.2 step 3):
 
     A = (reward − group_mean) / (std + 1e-4)
     r = clip(clip(A, ±A_max) / (2·A_max) + ½, 0, 1)

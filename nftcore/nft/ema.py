@@ -11,6 +11,8 @@ With the default decay 0.9 the warm-up reaches the cap at s = 80.
 Counting s: by default the k-th call to `step()` (k = 0, 1, …) uses s = k, so the first update uses 0.1. The
 reference training loop increments its optimizer-step counter *before* updating the EMA, so its first update uses
 s = 1 (2/11); pass `first_step=1` to reproduce that exactly.
+
+See docs/ALGORITHM.md §1.6 and §11.17.
 """
 
 from __future__ import annotations

@@ -1,6 +1,8 @@
 """The only door to nftcore's fused kernels: one public function per op, each with a PyTorch reference beside it.
 
 Importing this package costs torch (and triton, when a kernel is first used) - nothing heavier.
+
+Every op follows one pattern (public function, custom op, backend table, reference): docs/DESIGN.md §5.
 """
 
 from .adaln import adaln, gated_adaln, gated_residual

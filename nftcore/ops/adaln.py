@@ -10,7 +10,8 @@ families):
 
 `gated_adaln` is the double-stream block's "attention output gate, then the MLP's norm"; `gated_residual` closes
 every block. Each op is a pair of `torch.library.custom_op`s (forward, backward) with fake implementations, so
-`torch.compile` and FSDP2 see one opaque node each; behind each, `dispatch` picks the backend per call:
+`torch.compile` and FSDP2 see one opaque node each; behind each, `dispatch` picks the backend per call (the op
+pattern: docs/DESIGN.md §5):
 
 - Triton (`kernels/adaln.py`) on CUDA, or on CPU with `NFTCORE_FORCE_TRITON=1` under `TRITON_INTERPRET=1`: one pass
   forward (x, y read once; h, out written once) and one pass backward per op (fp32 math, inputs upcast at the load);

@@ -3,7 +3,7 @@ interleaved-pair RoPE and a key padding mask folded in, as one traceable op.
 
 Layout is `[B, N, H, D]` (what a Linear's output reshapes to), so the model never transposes. Defined once as
 `torch.library.custom_op`s (forward and backward) with fake implementations, so `torch.compile` and FSDP2 see one
-opaque node; behind each, `dispatch` picks the backend per call:
+opaque node; behind each, `dispatch` picks the backend per call (the op pattern: docs/DESIGN.md §5):
 
 - Triton (`kernels/attention.py`) on CUDA, or on CPU with `NFTCORE_FORCE_TRITON=1` under `TRITON_INTERPRET=1`
   (fp64, fp32 on CUDA and head dims above 128 have no kernel and run the reference even then);
@@ -38,7 +38,7 @@ OP = "attention"
 ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # aten's CPU flash attention returns (out, logsumexp) and has a matching backward (torch >= 2.3). Checked by name
-# and schema, because the private op's signature is not a stable API (torch 2.11 on the GPU box may differ).
+# and schema, because the private op's signature is not a stable API (another torch version may differ).
 _CPU_FLASH_FWD = "_scaled_dot_product_flash_attention_for_cpu"
 _CPU_FLASH_BWD = "_scaled_dot_product_flash_attention_for_cpu_backward"
 # The generic path computes the log-sum-exp in query chunks with at most this many fp32 scores alive at once

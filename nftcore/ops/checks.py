@@ -3,6 +3,8 @@ shapes, never a silent broadcast.
 
 Shape and dtype checks are free. Value checks (ranges, finiteness) cost a device sync, so the ops run them on the
 small per-sample tensors only, and check big tensors for non-finite values lazily (on a non-finite result).
+
+Step 1 of the op pattern, docs/DESIGN.md §5.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ The native backend is the extension module `nftcore._C` (`csrc/`, built by setup
 whose kernels are `torch.ops.nftcore_native.*`. It is loaded on the first CPU call of an op that has a native kernel;
 if it is missing (not built, build failed or skipped with NFTCORE_SKIP_NATIVE=1, stale, built for another torch) that
 first call warns once, naming the reason, and every call runs on the reference.
+
+See docs/DESIGN.md §5 (point 3) and, for the native build, docs/DESIGN.md §6.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ through a `BackwardOp`), which picks the carrier per call:
 - eager without grad: the op's body, i.e. the backend implementation, no autograd;
 - eager with grad: a `torch.autograd.Function` whose forward is the op's body and whose setup and backward are the
   very functions registered with the custom op. One formula, two carriers; tests check they agree bit for bit.
+
+See docs/DESIGN.md §5 (point 5).
 """
 
 from __future__ import annotations

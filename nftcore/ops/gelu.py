@@ -12,6 +12,8 @@ the CPU, and ATen's vectorised tanh costs about 2.5x what a branch-free fp32 sig
 
 The custom ops (forward and backward, with fake implementations and the autograd formula dx = gelu'(x)·grad) are what
 torch.compile and FSDP2 see; eager calls take `nftcore/ops/eager.py`'s carriers.
+
+The op pattern: docs/DESIGN.md §5.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`nft_loss`: the DiffusionNFT objective as one traceable op.
+"""`nft_loss`: the DiffusionNFT objective as one traceable op. The math is docs/ALGORITHM.md §1.2, the op pattern
+docs/DESIGN.md §5.
 
 Defined once as `torch.library.custom_op`s (forward and backward) with fake implementations, so `torch.compile` and
 FSDP2 see a single opaque node; behind each, `dispatch` picks the backend. The reference backend is the forward of

@@ -4,6 +4,8 @@ Written for clarity, in the notation of the DiffusionNFT paper, with autograd do
 backends in the op modules reuse these forwards and add closed-form backwards, which the tests check against autograd
 here. At the end, the naive oracles (`naive_score_logits`, `naive_attention`, `numpy_nft_loss`): the one home of the
 obvious computations the tests check the ops against in float64 and the benchmarks time as a baseline.
+
+Their place in the op pattern: docs/DESIGN.md §5 (point 4).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ that is five fewer [B, N, H, D] passes per attention call: the k rotate-copy of 
 the dq/dk inverse rotation of its backward; the rotation here is free inside the norm's registers).
 
 Defined once as `torch.library.custom_op`s (forward and backward) with fake implementations; behind each, `dispatch`
-picks the backend per call:
+picks the backend per call (the op pattern: docs/DESIGN.md §5):
 
 - Triton (`kernels/rms_norm.py`) on CUDA, or on CPU with `NFTCORE_FORCE_TRITON=1` under `TRITON_INTERPRET=1`: one
   pass forward (x read through its strides - q and k are views of the fused QKV projection - y written contiguous),

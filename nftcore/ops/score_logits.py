@@ -3,10 +3,10 @@
 The reward judge's score is the expected digit, sum_k k * p_k / 5, with p the softmax over the logits of "0".."5"
 at the last position. `score_logits(hidden, lm_head.weight, digit_ids)` gives the log of
 those p in `subset` mode; `full` mode gives the true vocabulary log-probabilities of the same ids (logit - logsumexp
-over all V) for callers that want calibrated probabilities.
+over all V) for callers that want calibrated probabilities. The score: docs/ALGORITHM.md §3.3 and §11.6.
 
 One `torch.library.custom_op` with a fake implementation (so `torch.compile` sees one opaque node); `dispatch` picks
-the backend per call:
+the backend per call (the op pattern: docs/DESIGN.md §5):
 
 - Triton (`nftcore.kernels.score_logits`): one streaming pass over the head on CUDA, or on CPU under the interpreter
   with ``NFTCORE_FORCE_TRITON=1``.
@@ -50,8 +50,8 @@ MAX_K = 256
 LOGIT_CHUNK_BYTES = 2 * 2**20
 STAGE_CHUNK_BYTES = 2 * 2**20
 # Caps a chunk at small M (M = 1 would otherwise take the whole vocabulary in one chunk): 5 chunks at V = 152064. Few
-# chunks matter on a shared CPU: each costs ~8 small ops, and under a contended OpenMP pool a small op can take
-# milliseconds (measured on the 2-core CI box: 15 ms for an exp over 16k floats at load 7, 30 us when idle).
+# chunks matter on a shared CPU: each costs ~8 small ops, and when other processes hold the cores an OpenMP pool
+# waits for its threads, so a small op can take milliseconds instead of microseconds.
 MAX_CHUNK_ROWS = 32768
 MIN_CHUNK_ROWS = 16  # a floor so a huge M or H never degenerates into row-at-a-time loops
 

@@ -7,6 +7,8 @@
 
 The judge is separate from the policy: nothing here imports `nftcore.models`. Importing this package costs torch,
 PIL and `nftcore.ops`; transformers is imported when a model is loaded.
+
+See docs/ALGORITHM.md §3.
 """
 
 from .base import RewardFn, RewardResult, WeightedSum, format_error_summary, summarize_errors

@@ -1,15 +1,16 @@
 """One interface for every reward: `reward_fn(edited, sources, prompts, metadata) -> RewardResult`.
 
-Why a validity mask: Edit-R1 turns any scoring failure into a score of 0.0, which then enters the group statistics
-as a real, very bad sample. Here a failed sample is *invalid*: its score is NaN and `valid` is False, so the trainer
-can drop (and count) its group instead of learning from a fake zero. NaN also makes an accidental use of an invalid
-score loud instead of silent.
+Why a validity mask (§3.4, §11.4): the official Edit-R1 code turns any scoring failure into a score of 0.0, which then
+enters the group statistics as a real, very bad sample. Here a failed sample is *invalid*: its score is NaN and `valid`
+is False, so the trainer can drop (and count) its group instead of learning from a fake zero. NaN also makes an
+accidental use of an invalid score loud instead of silent.
 
 Why each invalid sample carries a reason (`RewardResult.reasons`): a run that loses a tenth of its rewards must say
 why, once per epoch, without a log line per sample. `summarize_errors(results)` counts the invalid samples of an
 epoch by reason and `format_error_summary(counts)` makes that one log line.
 
-The argument order mirrors the peers' `_fn(images, ref_images, prompts, metadatas)` and TRL's callable rewards:
+The argument order mirrors the official code's `_fn(images, ref_images, prompts, metadatas)` and TRL's callable
+rewards:
 - edited: the B edited images (PIL images, HWC uint8 arrays, or a [B, 3, H, W] / list of [3, H, W] tensors, float
   in [0, 1] or uint8);
 - sources: the B source images, same forms;

@@ -23,6 +23,9 @@ trainer drops its group and counts it instead of learning from a fake score. Wit
 not a finite number inside `score_range` (the rubric's [0, 1] by default: a string, an object, a bool, null, +-50)
 is invalid too, with its reason: the reply of a broken or foreign server must neither stop training nor be trained
 on.
+
+Invalid scores: docs/ALGORITHM.md §3.4 and §11.4.
+Serving other nodes: docs/TRAINING.md, "The judge server beyond one machine".
 """
 
 from __future__ import annotations

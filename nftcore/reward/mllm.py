@@ -3,13 +3,13 @@
 What it computes: one user turn [source image, edited image, rubric text], the chat
 template's default system prompt and generation prompt; at the position where the answer would be generated,
 p = softmax over the logits of the rubric's answer tokens ("0".."5") only, and score = E_p[value] normalised to
-[0, 1] (sum_k k p_k / 5 for the digit rubric).
+[0, 1] (sum_k k p_k / 5 for the digit rubric). See docs/ALGORITHM.md §3.3, §11.5 and §11.6.
 
-How, and why not like the peers:
-- No `generate()` and no [B, V] logits (the peers run vLLM with a logits processor, or `generate(max_new_tokens=1)`,
-  to read six numbers). One forward of the language model with left padding returns the final-normed hidden state;
-  only its last position is used, through `nftcore.ops.score_logits` (subset mode) over the answer rows of the LM
-  head.
+How, and why not like the official code:
+- No `generate()` and no [B, V] logits (the official servers run vLLM with a logits processor, or
+  `generate(max_new_tokens=1)`, to read six numbers). One forward of the language model with left padding returns the
+  final-normed hidden state; only its last position is used, through `nftcore.ops.score_logits` (subset mode) over the
+  answer rows of the LM head.
 - Each distinct image goes through the vision tower once per call (sources are shared by a group's K edits), in
   chunks of `vision_batch` images; the features are scattered into the token embeddings and the language model
   runs on `inputs_embeds`.

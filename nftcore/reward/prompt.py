@@ -5,6 +5,8 @@ requirement, asks for a 0-5 rating of accuracy and quality with anchors for 0 an
 The wording below is our own paraphrase of that structure. The score is the expected answer value under the softmax
 over the answer tokens' logits, mapped to [0, 1]. The Yes/No variant
 (UniWorld-V2 Table 4) reads p(Yes) / (p(Yes) + p(No)) the same way, with values Yes = 1, No = 0.
+
+See docs/ALGORITHM.md §3.2 and §3.3.
 """
 
 from __future__ import annotations

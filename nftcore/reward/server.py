@@ -42,6 +42,9 @@ probe without the secret: it reveals the model name and request counters, never 
 
 The wire format is documented in `http_client.py`. `RewardServer(scorer, port=0).start()` runs it in-process on a
 free port (tests); `.url` is its address.
+
+Where the judge runs: docs/ALGORITHM.md §3.1; batching: §11.5.
+Serving other nodes: docs/TRAINING.md, "The judge server beyond one machine".
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ guidance (inference only), and an analytic test flow.
 
 Everything here works on plain tensors and a ``velocity_fn(x, sigma)`` callable, so every trainer shares one
 sampler and one definition of the training timesteps.
+
+See docs/ALGORITHM.md §2.
 """
 
 from nftcore.sampling.analytic import GaussianFlow

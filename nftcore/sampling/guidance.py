@@ -9,6 +9,8 @@ a negative prompt) and combines them as the Qwen-Image(-Edit) pipelines do:
 The rescale keeps each token's velocity at the conditional branch's magnitude, which stops high scales from
 over-saturating. Scale 1.0 returns `cond_fn` itself: no second forward and bit-identical results. The trainer's
 rollouts never use it (Edit-R1 trains at 1.0); it is an inference option.
+
+See docs/ALGORITHM.md §2.2 and docs/INFERENCE.md, "Presets".
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ ones the FLUX.1-Kontext and Qwen-Image(-Edit) inference pipelines use:
 
 All functions return float64 1-D tensors of length ``N + 1`` (sigma at every sampler state, first 1.0, last 0.0).
 Float64 keeps the sigma arithmetic exact enough that solvers and trainers can use the values as Python floats.
+
+See docs/ALGORITHM.md §2.1; the training timesteps taken from these grids: §1.4.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Solvers:
   the step to sigma = 0 returns the x0 estimate at the last nonzero sigma. The second-to-last step stays second
   order. The step right after sigma = 1 has a predecessor at ``lambda = -inf``: its step-size ratio is infinite,
   so the second-order correction is exactly zero and that step is first order too.
+
+See docs/ALGORITHM.md §2.2.
 """
 
 from __future__ import annotations

@@ -12,4 +12,6 @@
 
 Nothing else in nftcore imports this package, and importing it imports nothing: each module pulls in its own heavy
 dependencies (transformers, diffusers, peft) when it is imported.
+
+See docs/DESIGN.md §8.
 """

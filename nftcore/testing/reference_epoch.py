@@ -39,16 +39,15 @@ batch = micro-batch, sampler steps and solver, T_train, optimizer steps per epoc
 initial values, AdamW hyper-parameters, clipping, EMA decay, old-policy preset, the frozen encoders and the dataset
 rows of every epoch.
 
-Reviewed for handicaps (work the official code does not do). Fixed here, relative to the version that lived
-inside bench_epoch.py:
-- training noise and rollout noise were drawn on the host and copied to the device every pass; now drawn on the
-  device (the scripts use `torch.randn_like(x0)` and `prepare_latents` on the device);
-- the timestep grid was indexed on the host and copied per pass; now gathered on the device once per epoch;
-- a partly masked micro-batch was row-gathered (`v[rows]` copies of every velocity and latent) before the loss;
-  now the mask multiplies the per-sample terms, as the scripts do;
-- micro-batch conditioning was gathered per micro-batch; now shuffled once and sliced (views), as the scripts do;
-- the gradient norm was read back (`float(...)`, a device sync) after every optimizer step; now kept on the device
-  and read once after the epoch.
+Reviewed for handicaps (work the official code does not do), which this baseline avoids:
+- training noise and rollout noise are drawn on the device, not on the host and copied every pass (the scripts use
+  `torch.randn_like(x0)` and `prepare_latents` on the device);
+- the timestep grid is gathered on the device once per epoch, not indexed on the host and copied per pass;
+- a partly masked micro-batch is not row-gathered (`v[rows]` copies of every velocity and latent) before the loss:
+  the mask multiplies the per-sample terms, as the scripts do;
+- micro-batch conditioning is shuffled once and sliced (views), as the scripts do, not gathered per micro-batch;
+- the gradient norm is kept on the device and read once after the epoch, not read back (`float(...)`, a device
+  sync) after every optimizer step.
 Kept on purpose, because the official code does the same: the fp64 adaptive weights (which promote the two branch
 losses to fp64), the PEFT adapter switches (`set_adapter` walks every module, `disable_adapter` checks the model
 status), the extra `set_adapter("default")` after the reference forward, the `.clone()` in the soft update, the
@@ -63,17 +62,19 @@ the reference forward is skipped when kl_weight = 0 (the scripts always run it);
 scheduler timesteps divided by 1000 per pass; `clip_grad_norm_` gets the trainable tensors rather than every module
 parameter (the same norm: the others have no gradient).
 
-Documented departures of nftcore from this epoch (see `nftcore/trainer/loop.py`): nftcore drops filtered samples
+Documented departures of nftcore from this epoch (docs/ALGORITHM.md §7, §11.9, §11.12): nftcore drops filtered samples
 *before* micro-batching (no forward for them) and divides every (sample, timestep) term by the global count of the
 step's pairs; here every sample runs and each micro-batch's masked mean is divided by grad_accum · T_train, so a kept
-sample weighs 1 / (grad_accum · T_train · kept samples of its micro-batch). With nothing filtered and full
-micro-batches the two are the same gradient (tests/test_reference_epoch.py checks it, and the difference when they
-are not). Random draws differ (nftcore seeds per sample); `ReferenceEpoch.update` accepts explicit `Draws` so a
-test can give both sides the same ones. The Qwen reference uses the single-image `QwenImageEditPipeline` (the
-Edit-R1 recipe targets -2509 "Plus", whose diffusers `encode_prompt` shows every image of a batch to every prompt;
-Edit-R1 patches that per sample), so `qwen_small` is built on a Qwen-Image-Edit folder on both sides. Prompt bans (the
-Qwen recipe's `filter.ban_prompts`) are not applied here: a ban needs a group mean above `filter.mean_threshold`
-(0.9), which the benchmark's tiny random judge does not give, so both sides draw the same rows every epoch.
+sample weighs 1 / (grad_accum · T_train · kept samples of its micro-batch). With nothing filtered and full micro-batches
+the two are the same gradient (tests/test_reference_epoch.py checks it, and the difference when they are not). Random
+draws differ (nftcore seeds per sample); `ReferenceEpoch.update` accepts explicit `Draws` so a test can give both sides
+the same ones. The Qwen reference uses the single-image `QwenImageEditPipeline` (the Edit-R1 recipe targets -2509
+"Plus", whose diffusers `encode_prompt` shows every image of a batch to every prompt; Edit-R1 patches that per sample),
+so `qwen_small` is built on a Qwen-Image-Edit folder on both sides. Prompt bans (the Qwen recipe's `filter.ban_prompts`)
+are not applied here: a ban needs a group mean above `filter.mean_threshold` (0.9), which the benchmark's tiny random
+judge does not give, so both sides draw the same rows every epoch.
+
+How tests and benchmarks are organised: docs/DESIGN.md §8.
 """
 
 from __future__ import annotations

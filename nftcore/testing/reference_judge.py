@@ -1,6 +1,9 @@
 """Scoring an edit with a Qwen2.5-VL judge the way transformers (and Edit-R1's transformers reward server) does: the
 oracle `MLLMScorer` is tested against (tests/test_reward_scorer.py), the baseline of bench/bench_scorer.py and the
-judge of the reference epoch (`reference_epoch.py`)."""
+judge of the reference epoch (`reference_epoch.py`).
+
+How nftcore scores instead: docs/ALGORITHM.md §11.6.
+"""
 
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ Modules, in the order an epoch uses them:
   `edit_family`: FLUX.1-Kontext and Qwen-Image-Edit; `rewards`: the reward callable of `reward.backend`;
 - `distributed` (process group, FSDP2, collectives), `checkpoint` (DCP state and LoRA export), `metrics`
   (metrics.jsonl, console lines, progress), `perf` (FLOPs, MFU, peak memory), `trackers` (TensorBoard / wandb).
+
+One epoch's data path through these modules: docs/DESIGN.md §2.
 """
 
 from nftcore.family import PolicyFamily

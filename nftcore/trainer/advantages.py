@@ -1,12 +1,14 @@
 """The advantages phase: the epoch's rewards from every rank → optimality r, the low-variance filter, the prompt ban
 and the epoch's reward statistics (`AdvantageStats`).
 
-Over the whole epoch, never per rank: a group with any invalid reward (the judge failed, the rollout diverged, the
-image did not decode) is dropped and counted, never scored 0 (§11.4); r and the filter see the surviving groups
+Over the whole epoch, never per rank: a group with any invalid reward (the judge failed, the rollout diverged, the image
+did not decode) is dropped and counted, never scored 0 (§11.4); r (§1.3) and the filter (§4.3) see the surviving groups
 only. The statistics the official Edit-R1 / DiffusionNFT scripts log per epoch are computed their way, over the
-surviving groups: `zero_std_ratio` (groups whose rewards are all equal) and `mean_reward_P` for P in
-`TOP_PERCENTS` (per group, the mean of the rewards at or above its (100 − P)th percentile, linearly interpolated;
-then the mean over groups; P = 100 is the plain mean of group means).
+surviving groups: `zero_std_ratio` (groups whose rewards are all equal) and `mean_reward_P` for P in `TOP_PERCENTS` (per
+group, the mean of the rewards at or above its (100 − P)th percentile, linearly interpolated; then the mean over groups;
+P = 100 is the plain mean of group means).
+
+The logged statistics: docs/TRAINING.md, "Metrics".
 """
 
 from __future__ import annotations

@@ -12,13 +12,10 @@ Layout, under OUT/checkpoints/:
         checksums.json        size and sha256 of every other file, written after every rank finished
         COMPLETE              written last: a folder without it is ignored
 
-Why epoch boundaries only: every random draw of an epoch (prompts, rollout noise, timesteps, training noise) is seeded
-from (run seed, epoch, global sample index), so replaying an epoch from its start reproduces it exactly; a
-checkpoint mid-epoch would have to capture rollouts and reward futures for no gain. Resume never parses folder
-names for state: the step and epoch come from trainer.json.
-
-DCP saves sharded (FSDP2 DTensor) and plain tensors alike, so one code path serves 1 and N ranks, and a checkpoint
-may be loaded on a different world size.
+Epoch boundaries only: per-sample seeding replays an epoch exactly from its start, so a checkpoint mid-epoch would
+capture rollouts and reward futures for no gain. Resume never parses folder names: the step and epoch come from
+trainer.json. DCP saves sharded (FSDP2 DTensor) and plain tensors alike, so one code path serves 1 and N ranks, and a
+checkpoint may be loaded on a different world size. See docs/DESIGN.md §7 and docs/ALGORITHM.md §5.5.
 
 **Checkpoints are for resuming, exports are for sharing.** A DCP checkpoint is partly pickle; loading here admits
 only DCP's own metadata classes and tensors (`safe_dcp`). Still, hand others the safetensors exports (lora_ema/,
@@ -32,6 +29,7 @@ never fail.
 
 Errors: `CheckpointError` (a RuntimeError) for a damaged, crafted or unloadable checkpoint, `ConfigError` for a
 `--resume` that names no checkpoint; both carry one line.
+What a user sees: docs/TRAINING.md, "Stopping, crashing and resuming".
 """
 
 from __future__ import annotations

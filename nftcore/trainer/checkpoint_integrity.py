@@ -5,6 +5,8 @@ parallel) and rank 0 the rest; at resume the files a resume reads are checked, s
 gets the same verdict, so a truncated or flipped file is named instead of surfacing as an EOFError deep in DCP, and no
 rank loads a different checkpoint from the others. The cost is one extra read of the checkpoint at save and one at
 resume, at sha256's ~1.5 GB/s per thread.
+
+See docs/DESIGN.md §7.
 """
 
 from __future__ import annotations

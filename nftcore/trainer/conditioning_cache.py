@@ -1,22 +1,15 @@
 """The conditioning cache (`data.cache_conditioning`): each dataset row's frozen-encoder output, computed once.
 
 The encoders are frozen, so a row's conditioning (text embeddings, pooled vector, packed source latents) is the same
-in every epoch and every evaluation. Without the cache it is recomputed on every rollout call, K times per group.
-With it, a lookup for a batch of samples:
+in every epoch and every evaluation (§11.15). The modes ('memory': host RAM per rank; 'disk': one verified
+safetensors file per row), what makes an entry stale or corrupt, and precomputing the cache are in
+docs/TRAINING.md, "Cached conditioning". A lookup for a batch of samples:
 
 1. finds each distinct row once (a group's K samples share one row, so K samples cost one lookup and at most one
    encoder row);
 2. encodes the distinct rows that are not cached in ONE call of `family.conditioning`, splits the result per row
    (`index_conditioning`) and stores each row's batch-1 conditioning;
 3. assembles the batch in the samples' order (`cat_conditioning`, then `index_conditioning`) on the run's device.
-
-Modes:
-- 'memory' keeps the entries in host RAM, not on the device. At 512² a FLUX.1-Kontext row is ~1.3 MiB (T5 128 ×
-  4096 bf16 + 1024 × 64 fp32 source tokens) and a Qwen-Image-Edit row up to ~2 MiB: a dataset of 10k rows would
-  hold 13–20 GiB of device memory next to the transformer, while copying one assembled batch to the device per
-  rollout call costs a few MB. Entries live in the process, so each rank keeps the rows it has seen.
-- 'disk' keeps nothing in RAM: every lookup reads the row's safetensors file (the OS page cache holds the hot ones,
-  once per node rather than once per rank) and verifies it. Misses are encoded and written; entries outlive the run.
 
 An entry file is `<key>.safetensors` in the cache folder, key = hash(encoder identity, sample id, instruction), so
 a start-up check can find every row's file without decoding a single image. Its header metadata holds the identity
@@ -29,11 +22,8 @@ corrupt: warned about once with its file name, recomputed and rewritten. Files a
 renamed (`os.replace`), so a killed process or two ranks writing the same row never leave a partial file under an
 entry's name; a torn write that still reached the disk fails its checksum.
 
-A sample whose image could not be decoded (data.bad_lines=skip, a grey stand-in) is encoded but never stored.
-
-Sharded text encoders (`parallel.shard_text_encoder`) run FSDP2 collectives, so every rank must call the encoder
-the same number of times: each lookup then agrees over ranks whether anyone has a miss, and a rank without one
-encodes one row it drops (padding). Without sharding, ranks encode independently.
+With sharded text encoders (`parallel.shard_text_encoder`) each lookup agrees over ranks whether anyone has a miss,
+and a rank without one encodes one row it drops, so every rank calls the encoder (a collective) equally often.
 """
 
 from __future__ import annotations

@@ -9,17 +9,20 @@ and the CPU tests compare 1 vs 2 ranks in fp32). LoRA must be applied before wra
 of a block, frozen base weights and both adapters alike, and gathers them around each forward. Full fine-tuning's
 trained model is sharded as fp32 masters and gathered in model.dtype (`shard_transformer`'s `master_dtype`).
 
-Gradient reduction: FSDP2 *averages* gradients over ranks. The trainer normalises each rank's loss by the global
-number of trained (sample, timestep) pairs and multiplies it by world_size (`loss_scale_for_reduction`), so the
-averaged gradient is the global sum divided by the global count, whatever the split of samples over ranks.
+Gradient reduction: FSDP2 *averages* gradients over ranks, so each rank's loss, normalised by the step's global
+count of (sample, timestep) pairs, is multiplied by world_size (`loss_scale_for_reduction`; docs/DESIGN.md §4 and
+docs/ALGORITHM.md §7).
 
-With `parallel.shard_transformer = false` the model is replicated instead (the reference's DDP) and
+With `parallel.shard_transformer = false` the model is replicated instead (the official code's DDP) and
 `average_gradients` all-reduces the trainable gradients once per optimizer step, with the same averaging, so the
 two modes compute the same update. Not DDP itself: the loop runs three forwards (θ, θ_old, reference) through one
 module per backward, which DDP's reducer does not expect, and one flat all-reduce per step of LoRA-sized gradients
 leaves nothing to overlap.
 
 Shutdown always runs `dist.barrier()` before `destroy_process_group()`: without it gloo aborts at exit now and then.
+
+How a run is distributed: docs/ALGORITHM.md §5.4.
+Why any world size gives the same result: docs/TRAINING.md, "Any world size runs a recipe unchanged".
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def init_distributed(cfg: TrainConfig) -> DistEnv:
     use_cuda = torch.cuda.is_available()
     if not use_cuda and "OMP_NUM_THREADS" not in os.environ:
         # One intra-op thread per process on CPU (torchrun sets OMP_NUM_THREADS=1 too): the demo's matrices are tiny,
-        # and on a busy 2-core machine two threads made a 32-wide Linear 14× slower than one.
+        # and with several ranks sharing the cores, extra threads per rank only wait for each other.
         torch.set_num_threads(1)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")

@@ -16,6 +16,8 @@ What the trainer fixes that the pipelines leave open is Edit-R1's training set-u
 
 The judge sees the dataset's square source and the decoded edit ([0, 1] tensors), with the row's `requirement`.
 The real families have no built-in reward (`reward.backend` 'local' or 'server').
+
+See docs/ALGORITHM.md §6 and §11.8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The training-time error that ends a run: the policy diverged (see `loop.MAX_NAN_STEPS`)."""
+"""The training-time error that ends a run: the policy diverged (see `loop.MAX_NAN_STEPS` and §11.19)."""
 
 
 class NonFiniteLossError(RuntimeError):

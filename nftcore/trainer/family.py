@@ -1,6 +1,9 @@
 """`build_family`: the policy family the config names. What a family is: `nftcore.family.PolicyFamily`; the
 families: `nftcore.demo.family.DemoFamily` ('demo') and `edit_family.EditFamily` (FLUX.1-Kontext 'flux',
-Qwen-Image-Edit 'qwen_image': VAE + text encoders around `nftcore.models.MMDiT`, the Edit-R1 dataset)."""
+Qwen-Image-Edit 'qwen_image': VAE + text encoders around `nftcore.models.MMDiT`, the Edit-R1 dataset).
+
+Where families sit among the layers: docs/DESIGN.md §1.
+"""
 
 from __future__ import annotations
 

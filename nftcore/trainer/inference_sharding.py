@@ -16,6 +16,8 @@ order, from one thread.
   interleave differently on different ranks, and NCCL forbids concurrent operations on two communicators of one
   device from different threads. It scores the rank's whole share in one call after the rollouts: every call gathers
   each layer once, so fewer, larger calls gather less (`bench/bench_judge_sharding.py`).
+
+See docs/ALGORITHM.md §5.4.
 """
 
 from __future__ import annotations

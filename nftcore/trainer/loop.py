@@ -9,32 +9,14 @@
     periodic_eval(epoch)                          the EMA model on the eval split, every eval.every epochs
 
 The policies are named by `roles.Role` (θ, θ_old, the reference) and held by a weights strategy (`weights`: LoRA
-adapters or full copies); per-sample random draws come from `seeding`.
+adapters or full copies); per-sample random draws come from `seeding`. In each pass of the update θ's forward comes
+last, after the no-grad θ_old / reference forwards, so activation checkpointing recomputes it under the "default"
+adapter; the step's logged terms add up on the device (`step_terms.StepSums`) and are read once at its end.
 
-One epoch, with these deliberate departures from the reference:
-
-- **Per-sample seeding.** Every random draw (rollout noise, training timesteps, training noise, the training order)
-  comes from a generator seeded by (run seed, epoch, global sample index): the result does not depend on the number
-  of ranks, and an epoch replayed after a resume is identical. The epoch's G·K samples are numbered g = group·K + k;
-  each rank rolls out one contiguous slice (sizes differ by at most one) in the batch plan's rollout calls, the same
-  number on every rank (`nftcore.config.batching`).
-- **Filter before micro-batches.** Advantages use the whole epoch (all ranks, invalid groups excluded); the
-  low-variance filter runs next, and only surviving samples are put into micro-batches, so filtered samples cost no
-  forward pass (§11.9). A group with any invalid reward is dropped and counted, never scored 0 (§11.4).
-- **Global normalisation.** The survivors, shuffled alike on every rank, are split evenly into the epoch's optimizer
-  steps. Each (sample, timestep) term is divided by the *global* count of the step's (sample, timestep) pairs
-  (`nft_loss` returns a masked mean; multiplying it by the micro-batch's sample count gives the exact sum), so the
-  gradient is the same however the survivors fall on ranks. The reference divides per micro-batch mean by
-  grad_accum·T_train instead, which weights a sample by how full its micro-batch was. A rank with fewer survivors
-  runs zero-weight padding micro-batches, so FSDP2's collectives stay in step.
-- Rollouts are sampled with the "old" adapter; conditioning is computed once per rollout batch and kept for training.
-
-Per optimizer step: for each micro-batch and each of its T_train slots, every sample noises its clean latent at its
-own sampler σ, three velocities are taken (θ_old: no grad, "old" adapter; reference: adapters disabled, skipped
-when kl_weight = 0; θ: with grad, "default" adapter, last, so activation checkpointing recomputes under "default"),
-`nft_loss` → backward; the step's logged terms add up on the device (`step_terms.StepSums`). Then grad clipping,
-AdamW on the trainable parameters, EMA. A non-finite loss or gradient norm skips the step (counted);
-`max_nan_steps` in a row stop the run. After the epoch the old adapter is soft-updated.
+The epoch step by step: docs/DESIGN.md §2 and docs/ALGORITHM.md §5.3; one optimizer step: §1.8. Where it departs
+from the official code, and why: per-sample seeding (§8, §11.13), the filter before micro-batching (§11.9), invalid
+groups dropped, never scored 0 (§11.4), the loss normalised by the step's global count of (sample, timestep) pairs
+with zero-weight padding micro-batches (§7, §11.12), and a divergence stops the run (§11.19).
 """
 
 from __future__ import annotations
@@ -295,8 +277,8 @@ class Trainer:
 
     def _epoch_summary(self, epoch: int, stats: AdvantageStats, times: dict[str, float], eta: float, *,
                        update: float, seconds: float) -> dict[str, Any]:
-        """The epochs.jsonl row. Samples per rank per second count rollouts to old-policy update (the unit peers
-        publish: samples/card/s); evaluation is not part of it."""
+        """The epochs.jsonl row. Samples per rank per second count rollouts to old-policy update (the unit other
+        trainers publish: samples/card/s); evaluation is not part of it."""
         env = self.env
         return {"epoch": epoch, "step": self.step, **stats.logged(), "old_policy_eta": eta,
                 "time_rollout": times["time_rollout"], "time_reward_wait": times["time_reward_wait"],

@@ -1,15 +1,17 @@
 """Metrics: `OUT/metrics.jsonl` (one JSON object per optimizer step) and one readable console line per step.
 
 Only rank 0 writes. Every row carries at least `epoch`, `step`, `loss`, `reward_mean`, `reward_std` and
-`filtered_fraction`; the rest (loss terms, grad norm, throughput, phase times, counts) is added by the loop.
-Evaluations go to `OUT/eval.jsonl` (one object per evaluation: `epoch`, `step`, `eval_reward`, `eval_samples`), and
-one summary per epoch to `OUT/epochs.jsonl` (rewards, filtering, phase times and the epoch's samples/s per rank, the
-throughput unit peers publish). On resume, `truncate_from(epoch)` drops the rows of these files the checkpoint does
-not cover, so they read like an uninterrupted run's (a killed run may have logged steps past its last checkpoint).
+`filtered_fraction`; the rest (loss terms, grad norm, throughput, phase times, counts) is added by the loop. Evaluations
+go to `OUT/eval.jsonl` (one object per evaluation: `epoch`, `step`, `eval_reward`, `eval_samples`), and one summary per
+epoch to `OUT/epochs.jsonl` (rewards, filtering, phase times and the epoch's samples/s per rank, the throughput unit
+other trainers publish). On resume, `truncate_from(epoch)` drops the rows of these files the checkpoint does not cover,
+so they read like an uninterrupted run's (a killed run may have logged steps past its last checkpoint).
 
 Rows also go to the trackers the config switches on (`trackers.py`: TensorBoard, wandb), and `progress(label,
 total)` shows a phase's progress: one line redrawn in place on a terminal, a plain line per finished phase in a
 log file (no tqdm: one line of ANSI is all it takes).
+
+What each name means: docs/TRAINING.md, "Metrics".
 """
 
 from __future__ import annotations

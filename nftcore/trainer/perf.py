@@ -11,6 +11,8 @@ it is not counted: this is model FLOPs, not hardware FLOPs.
 
 MFU divides by the device's dense bf16 peak (989.4 TFLOP/s for H100/H200 SXM), from the table below or
 $NFTCORE_PEAK_TFLOPS; on the CPU or an unknown GPU it is not reported (None), while TFLOP/s always is.
+
+See docs/TRAINING.md, "Metrics".
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """The run's reward as one callable, from `reward.backend`: the family's own ('demo'), the MLLM judge in process
-('local', optionally FSDP2-sharded over the ranks) or the HTTP judge server ('server')."""
+('local', optionally FSDP2-sharded over the ranks) or the HTTP judge server ('server').
+
+See docs/ALGORITHM.md §3.1.
+"""
 
 from __future__ import annotations
 

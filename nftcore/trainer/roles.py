@@ -3,6 +3,8 @@
 String enums, so a role is the string it always was: the LoRA layer (`nftcore.models.lora`) is given `.value`, and
 stored names (checkpoint keys, exported adapters) are unchanged. Plain strings are accepted wherever a role is
 (`Role("old")`), so callers outside the trainer (the demo showcase, benchmarks) need not import this.
+
+The notation θ, θ_old, the reference: docs/ALGORITHM.md §0.
 """
 
 from __future__ import annotations

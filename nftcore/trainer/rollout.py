@@ -16,6 +16,8 @@ Around the sampler it keeps three things off the critical path:
 A rollout that is not finite (diverged weights) is never shown to the judge; an image that fails to decode under
 data.bad_lines = skip is replaced by a grey stand-in that still runs. Both make the sample invalid, and the
 advantages phase drops its group.
+
+See docs/DESIGN.md §2 (steps 3 and 4) and docs/ALGORITHM.md §5.3.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ Allowed, and each change logged:
 
 The most specific entry wins (`run.seed` over `run`). A checkpoint whose config.toml is missing or unreadable is a
 CheckpointError naming the file.
+
+See docs/TRAINING.md, "Stopping, crashing and resuming".
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ items inside the shards. Here `.metadata` goes through an unpickler that admits 
 (`SafeFileSystemReader`; anything else is refused with the file and the global it named, before any of it runs), and
 the non-tensor items through `torch.load(weights_only=True)` (`SafeLoadPlanner`). `storage_problems` names a shard
 that is missing or shorter than `.metadata` says, which DCP would report as a bare EOFError.
+
+See docs/DESIGN.md §7 and docs/TRAINING.md, "Stopping, crashing and resuming".
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
 """Per-sample random draws: every draw of an epoch (rollout noise, training timesteps, training noise, the training
 order) comes from a generator seeded by (run seed, epoch, global sample index, what for), so the result does not
-depend on the number of ranks or on batching, and an epoch replayed after a resume is identical."""
+depend on the number of ranks or on batching, and an epoch replayed after a resume is identical.
+
+See docs/ALGORITHM.md §8 and docs/DESIGN.md §3.
+"""
 
 from __future__ import annotations
 

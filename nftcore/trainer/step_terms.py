@@ -4,7 +4,7 @@ timesteps and ranks (`StepSums`) without reading anything back from the device b
 Two kinds of term, so that no name means two things:
 
 - **nftcore's loss terms**, normalised as the loss is (each (sample, timestep) pair weighs 1 / the step's global
-  count of pairs; see `loop`): `loss`, `policy_loss`, `kl_loss`, and `x0_pred_norm` = mean((x_t − t·v_θ)²), the
+  count of pairs, §7): `loss`, `policy_loss`, `kl_loss`, and `x0_pred_norm` = mean((x_t − t·v_θ)²), the
   energy of θ's clean-sample prediction (a drift in image brightness shows here).
 - **The official scripts' diagnostics**, under their names and computed their way: a *pass* is one micro-batch at
   one timestep, each pass gives one value over its samples, and the step logs the mean over its passes (on every
@@ -13,6 +13,8 @@ Two kinds of term, so that no name means two things:
   `old_deviate_max` = max((v_θ − v_old)²), and `old_kl_div` = mean((v_old − v_ref)²), the last only when the
   reference runs (nft.kl_weight > 0). nftcore trains the surviving samples only, so its passes hold no filtered
   samples where the official ones do (masked).
+
+See docs/TRAINING.md, "Metrics".
 """
 
 from __future__ import annotations

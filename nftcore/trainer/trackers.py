@@ -5,6 +5,8 @@ that is on without its package is an error at start-up that says what to install
 A tracker has `log(row, prefix="train")` (one metrics row: its finite numbers are logged at `row["step"]`, under
 `train/` or, for evaluation rows, `eval/`), `image(tag, image, step)` (a [3, H, W] float image in [0, 1]) and
 `close()`. Only rank 0 builds any.
+
+The logged names: docs/TRAINING.md, "Metrics".
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ to optimise, average, save and export.
 - `FullWeights` ('full'): the model itself as fp32 masters (θ), a copy for θ_old, a frozen copy for the reference.
 
 Which of the three is meant is a `roles.Role`; the LoRA layer below is given its string value (the adapter name).
+
+See docs/ALGORITHM.md §0 (the three policies) and §1.7 (LoRA or full fine-tuning).
 """
 
 from __future__ import annotations

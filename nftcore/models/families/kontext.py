@@ -8,6 +8,8 @@
   or kept at its own size rounded down to multiples of 16; VAE mode, `(z - shift_factor) * scaling_factor`,
   packed 2x2; ids (1, row, col) after the target's (0, row, col).
 The distilled guidance scale is part of the conditioning (pipeline default 3.5; Edit-R1 trains at 2.5).
+
+See docs/ALGORITHM.md §6 and §11.8.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ The VAEs differ only in how the raw latent is normalised before packing:
 - Qwen-Image VAE: per-channel `(z - latents_mean) / latents_std` (16 values each, from the VAE config);
 - FLUX VAE: `(z - shift_factor) * scaling_factor` (scalars).
 `LatentNorm` holds both as `(z - shift) / scale` with tensors broadcastable over the channel axis.
+
+See docs/ALGORITHM.md §6.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ In both, the encoder's last (final-normed) hidden states of the non-padding toke
 
 diffusers and transformers are used here only as providers of the frozen modules and the image resizing (so the
 preprocessing is the pipelines' own); the trained transformer is nftcore's `MMDiT`.
+
+See docs/ALGORITHM.md §6 and §11.8.
 """
 
 from __future__ import annotations
