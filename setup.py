@@ -197,6 +197,7 @@ setup(
         "pybind11>=2.12",  # the native module's bindings (build time, through CMake)
         "tyro>=1.0.14,<1.1",  # the config CLI; 1.0.14 added the (experimental) parse-error hook nftcore.config uses
         "typeguard>=4",  # the config's type checks (also a dependency of tyro)
+        "tomli_w>=1.0",  # the config's TOML dump (reading is the standard library's tomllib)
     ],
     extras_require={
         "diffusers": ["diffusers>=0.35"],

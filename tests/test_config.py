@@ -31,9 +31,13 @@ from nftcore.config import (
     qwen_image_edit_r1,
 )
 from nftcore.config.errors import UnsupportedConfigError
-from nftcore.config.sections import field_types, section_types
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _types(section):
+    """Field name → type of one section's dataclass."""
+    return {f.name: f.type for f in fields(SECTIONS[section])}
 
 
 def _get(cfg, dotted):
@@ -112,7 +116,7 @@ def _keyword_args(relative, function):
 
 
 def test_names_match_the_algorithm_modules():
-    literal = lambda section, key: get_args(field_types(section_types()[section])[key])  # noqa: E731
+    literal = lambda section, key: get_args(_types(section)[key])  # noqa: E731
     assert literal("filter", "rule") == ast.literal_eval(_constant("nftcore/nft/filtering.py", "FILTER_RULES"))
     assert literal("nft", "singleton") == ast.literal_eval(_constant("nftcore/nft/advantages.py", "SINGLETON_POLICIES"))
     presets = _constant("nftcore/nft/old_policy.py", "PRESETS")
@@ -225,11 +229,12 @@ def test_cli_mistakes_are_config_errors_that_name_them(argv, needles):
     [
         ('[optimizer]\nlr = 1.0\n', ["unknown config section 'optimizer'", "did you mean 'optim'", "sections: run"]),
         ('[optim]\nlearning_rate = 1.0\n', ["unknown key 'learning_rate'", "[optim]", "keys of [optim]: lr"]),
-        ('[optim]\nlr = "fast"\n', ["optim.lr", "'fast' is not a float"]),
-        ('[sampling]\ngroup_size = 12.0\n', ["sampling.group_size (INT)", "'12.0'"]),
-        ('[run]\nname = 3\n', ["run.name", "must be a string"]),
+        ('[optim]\nlr = "fast"\n', ["optim.lr: 'fast' has the wrong type", "float"]),  # key, value, type wanted
+        ('[sampling]\ngroup_size = 12.0\n', ["sampling.group_size: 12.0 has the wrong type", "int"]),
+        ('[run]\nname = 3\n', ["run.name: 3 has the wrong type", "str"]),
+        ('[metrics]\nwandb = "true"\n', ["metrics.wandb: 'true' has the wrong type", "bool"]),  # TOML is typed
         ('[filter]\nrule = "papr"\n', ["filter.rule", "did you mean 'paper'"]),
-        ('[optim]\nbetas = [0.9]\n', ["optim.betas", "2 comma-separated values"]),
+        ('[optim]\nbetas = [0.9]\n', ["optim.betas: (0.9,) has the wrong type", "expected 2"]),
         ('optim = 3\n', ["[optim] must be a table"]),
         ('recipe = "qwen_edit"\n', ["unknown recipe 'qwen_edit'", "did you mean 'qwen_image_edit_r1'"]),
         ('[optim\n', ["not valid TOML"]),
@@ -372,9 +377,9 @@ def test_help_and_print_config(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out == format_help(qwen_image_edit_r1())
     flat = " ".join(out.split())  # tyro wraps the help texts to the terminal's width
-    for section, cls in section_types().items():
+    for section, cls in SECTIONS.items():
         assert f" {section} options" in out and cls.__doc__.split("\n")[0] in flat  # a group per section
-        assert all(f"--{section}.{key} " in out for key in field_types(cls))
+        assert all(f"--{section}.{key} " in out for key in _types(section))
     assert "--nft.kl_weight FLOAT" in out and "Not the KL weight" in flat
     assert "--lora.rank INT LoRA rank r. (default: 32)" in flat  # the recipe's value (the field default is 16)
     assert "--optim.betas FLOAT,FLOAT" in out and "--sampling.guidance_scale FLOAT|none" in out
@@ -470,8 +475,7 @@ def _float_keys() -> list[str]:
     def has_float(tp) -> bool:
         return tp is float or any(has_float(arg) for arg in get_args(tp))
 
-    return [f"{section}.{key}" for section, cls in section_types().items()
-            for key, tp in field_types(cls).items() if has_float(tp)]
+    return [f"{section}.{key}" for section in SECTIONS for key, tp in _types(section).items() if has_float(tp)]
 
 
 def test_every_float_key_is_found():
@@ -505,13 +509,16 @@ def test_non_finite_floats_set_in_python_are_problems_naming_the_key(key, value)
         cfg.validate()
 
 
-@pytest.mark.parametrize("text", ["lr = inf", "lr = nan", "lr = -inf", 'lr = "inf"'])
-def test_non_finite_floats_in_toml_are_refused(tmp_path, text):
+@pytest.mark.parametrize("text, needle", [
+    ("lr = inf", "inf is not a finite float"), ("lr = nan", "nan is not a finite float"),
+    ("lr = -inf", "-inf is not a finite float"), ('lr = "inf"', "'inf' has the wrong type"),  # a string is no float
+])
+def test_non_finite_floats_in_toml_are_refused(tmp_path, text, needle):
     path = tmp_path / "run.toml"
     path.write_text(f"[optim]\n{text}\n")
     with pytest.raises(ConfigError) as info:
         load_config(["--config", str(path)])
-    assert "optim.lr" in str(info.value) and "finite" in str(info.value) and str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path}: optim.lr: {needle}"), str(info.value)
 
 
 def test_large_finite_floats_still_pass():

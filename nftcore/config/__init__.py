@@ -6,64 +6,18 @@
     print(config_to_toml(cfg))                  # readable, and `--config` reads it back to an equal config
 
 Modules: `sections` (the dataclasses, their help texts and `validate`), `recipes` (demo, kontext_edit_r1,
-qwen_image_edit_r1), `overrides` (`--section.key=value` parsed by tyro), `cli` (argv: --config, --resume, --help),
-`serialize` (dict/JSON and TOML, both directions), `batching` (the epoch's batch arithmetic). Importing this package
-does not import torch.
+qwen_image_edit_r1), `cli` (argv: --config, --resume, --help, and the overrides, parsed by tyro), `serialize`
+(dict/JSON and TOML, both directions), `batching` (the epoch's batch arithmetic). Importing this package does not
+import torch.
 """
 
-from nftcore.config.batching import BatchPlan, batch_plan
-from nftcore.config.cli import format_help, load_config, parse_command_line
+from nftcore.config.batching import batch_plan
+from nftcore.config.cli import format_help, load_config
 from nftcore.config.errors import ConfigError
-from nftcore.config.recipes import DEFAULT_RECIPE, RECIPES, build_recipe, demo, kontext_edit_r1, qwen_image_edit_r1
-from nftcore.config.sections import (
-    SECTIONS,
-    CheckpointConfig,
-    DataConfig,
-    EvalConfig,
-    FilterConfig,
-    LoRAConfig,
-    MetricsConfig,
-    ModelConfig,
-    NFTConfig,
-    OptimConfig,
-    ParallelConfig,
-    RewardConfig,
-    RunConfig,
-    SamplingConfig,
-    TrainConfig,
-)
+from nftcore.config.recipes import RECIPES, build_recipe, demo, kontext_edit_r1, qwen_image_edit_r1
+from nftcore.config.sections import SECTIONS, TrainConfig
 from nftcore.config.serialize import config_from_dict, config_to_dict, config_to_toml, load_toml
 
-__all__ = [
-    "DEFAULT_RECIPE",
-    "RECIPES",
-    "SECTIONS",
-    "BatchPlan",
-    "CheckpointConfig",
-    "ConfigError",
-    "DataConfig",
-    "EvalConfig",
-    "FilterConfig",
-    "LoRAConfig",
-    "MetricsConfig",
-    "ModelConfig",
-    "NFTConfig",
-    "OptimConfig",
-    "ParallelConfig",
-    "RewardConfig",
-    "RunConfig",
-    "SamplingConfig",
-    "TrainConfig",
-    "batch_plan",
-    "build_recipe",
-    "config_from_dict",
-    "config_to_dict",
-    "config_to_toml",
-    "demo",
-    "format_help",
-    "kontext_edit_r1",
-    "load_config",
-    "load_toml",
-    "parse_command_line",
-    "qwen_image_edit_r1",
-]
+__all__ = ["RECIPES", "SECTIONS", "ConfigError", "TrainConfig", "batch_plan", "build_recipe", "config_from_dict",
+           "config_to_dict", "config_to_toml", "demo", "format_help", "kontext_edit_r1", "load_config", "load_toml",
+           "qwen_image_edit_r1"]

@@ -1,27 +1,16 @@
-"""Batch arithmetic of one epoch, derived from the actual world size.
+"""Batch arithmetic of one epoch, derived from the actual world size (docs/ALGORITHM.md §5.1).
 
-The reference configs solve for a per-GPU batch against a hard-coded GPU count (48 for Qwen, 24 for Kontext) and then
-only run on that count. Here the global numbers are the recipe and the world size is an input, so the same recipe runs
-unchanged on 1, 2, 3, 8 or 48 ranks:
+The recipe fixes the global numbers and the launch the world size, so the same recipe runs unchanged on 1, 2, 3, 8 or
+48 ranks (the reference configs solve for a per-GPU batch against a hard-coded GPU count and run only on that):
 
     samples_per_epoch = K·G                      (all ranks; global sample g = group·K + k)
     rank shares       = K·G split into world_size contiguous slices whose sizes differ by at most one
     rollout calls     = ceil(largest share / sampling.batch_size), the same number on every rank
-    call sizes        = each rank's share split evenly over those calls (so batch_size is an upper bound)
     T_train           = int(num_steps · timestep_fraction)
 
-Every rank makes the same number of rollout calls because each call is a collective under FSDP2 (and with sharded
-text encoders); a rank whose share leaves a call empty runs it on a copy of its first sample and drops the result,
-the way the update pads a rank that has fewer survivors than the others. The training side needs no divisibility
-either: an epoch's surviving samples are split into `optim.steps_per_epoch` optimizer steps, and each rank's part of a
-step into the same number of micro-batches of at most `sampling.batch_size`.
-
-Per-sample seeding makes the computation independent of the split: every random draw is keyed by the global sample
-index, so 1, 2 or 3 ranks train the same samples at the same timesteps with the same noise. Only a world size with
-more ranks than samples cannot work (a rank would have nothing to roll out); that error names the sizes that do.
-
-`BatchPlan.prompts_per_rollout` is fractional when groups straddle rollout calls: the epoch's G·K draws are planned at
-once, and group statistics are taken after the whole epoch is scored, so nothing depends on where a group is cut.
+Every rank makes the same number of rollout calls because each is a collective under FSDP2; a rank whose share leaves
+a call empty runs it on a copy of its first sample and drops the result. Every random draw is keyed by the global
+sample index, so the split changes nothing that is computed; only more ranks than samples cannot work.
 """
 
 from __future__ import annotations

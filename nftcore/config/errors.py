@@ -1,11 +1,8 @@
-"""`ConfigError` and the "did you mean" helper every config message uses.
+"""`ConfigError` and the "did you mean" every config message uses.
 
 A config mistake should be fixable from the message alone: it names the offending section, key or value, lists the
-valid ones, and suggests the closest, so nobody has to open the source to find out that it is `optim.lr`, not
-`optim.learning_rate`.
+valid ones, and suggests the closest (it is `optim.lr`, not `optim.learning_rate`).
 """
-
-from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
@@ -22,7 +19,7 @@ class UnsupportedConfigError(ConfigError, NotImplementedError):
     NotImplementedError to code that already expects one."""
 
 
-def did_you_mean(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[object]) -> str:
     """`" (did you mean 'x'?)"` for the closest choice, or "" when nothing is close.
 
     Close means similar spelling (difflib), or, failing that, containing the word: `qwen` finds `qwen_image_edit_r1`.
@@ -32,8 +29,3 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     if not close and len(word) >= 3:
         close = [choice for choice in choices if word.lower() in choice.lower()][:1]
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def listing(choices: Iterable[object]) -> str:
-    """Choices as one comma-separated string, in the order given."""
-    return ", ".join(str(choice) for choice in choices)

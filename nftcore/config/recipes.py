@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from nftcore.config.errors import ConfigError, did_you_mean, listing
+from nftcore.config.errors import ConfigError, did_you_mean
 from nftcore.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -127,6 +127,6 @@ RECIPES: dict[str, Callable[[], TrainConfig]] = {
 
 def build_recipe(name: str) -> TrainConfig:
     """A fresh config from recipe `name`; ConfigError listing the recipes (with a suggestion) if unknown."""
-    if name not in RECIPES:
-        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(str(name), RECIPES)}; recipes: {listing(RECIPES)}")
+    if not isinstance(name, str) or name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}{did_you_mean(str(name), RECIPES)}; recipes: {', '.join(RECIPES)}")
     return RECIPES[name]()

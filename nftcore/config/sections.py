@@ -1,10 +1,11 @@
 """The trainer's configuration: one typed dataclass per concern, and `TrainConfig` that holds one of each.
 
 Why dataclasses with a help string per field (torchtitan style): tyro builds the command line from the types and
-the help strings (`--help`), `validate` checks the values (typeguard the types), and a typo is an error instead of
-a silently ignored attribute (`slots=True`). The field defaults are the `demo` recipe (the embedded CPU run), so
-`TrainConfig()` is the default config; the Edit-R1 recipes in `recipes.py` spell out every value of the official
-configs explicitly rather than inheriting them from here, so tuning the demo can never move a published recipe.
+the help strings (`--help`), `validate` checks the values (typeguard the types, against the real annotations: this
+module does not postpone them), and a typo is an error instead of a silently ignored attribute (`slots=True`). The
+field defaults are the `demo` recipe (the embedded CPU run), so `TrainConfig()` is the default config; the Edit-R1
+recipes in `recipes.py` spell out every value of the official configs explicitly rather than inheriting them from
+here, so tuning the demo can never move a published recipe.
 
 Names follow the rest of nftcore: `nft.beta` / `nft.kl_weight` / `nft.adv_clip_max` / `nft.negative_weight` are
 `nft_loss`'s arguments, `filter.rule` / `mean_threshold` / `std_threshold` are `low_variance_filter`'s,
@@ -12,19 +13,16 @@ Names follow the rest of nftcore: `nft.beta` / `nft.kl_weight` / `nft.adv_clip_m
 `lora.*` are `apply_lora`'s. The two "betas" of the reference code are `nft.beta` and `nft.kl_weight` here (§11.1).
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field, fields
-from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from typeguard import TypeCheckError, check_type
 from tyro.conf import Suppress
 
 from nftcore.config.batching import plan_problem, train_timesteps
-from nftcore.config.errors import ConfigError, UnsupportedConfigError
+from nftcore.config.errors import ConfigError, UnsupportedConfigError, did_you_mean
 
 
 def option(default: Any, help: str) -> Any:
@@ -429,9 +427,15 @@ class TrainConfig:
         """T_train: the sampler timesteps each sample is trained on."""
         return train_timesteps(self.sampling.num_steps, self.nft.timestep_fraction)
 
+    def type_problems(self) -> list[str]:
+        """Values of the wrong type (set in Python, or read from a file) as `section.key: problem`."""
+        found = [f"{f.name}: {p}" for f in fields(self) if (p := type_problem(getattr(self, f.name), f.type))]
+        return found or [f"{name}.{f.name}: {p}" for name, cls in SECTIONS.items() for f in fields(cls)
+                         if (p := type_problem(getattr(getattr(self, name), f.name), f.type))]
+
     def problems(self) -> list[str]:
         """Every type error, out-of-range value and contradiction, as messages naming `section.key`."""
-        typed = _type_problems(self)
+        typed = self.type_problems()
         if typed:  # range checks on wrongly typed values would only add noise (or raise)
             return typed
         found = [problem for name in SECTIONS for problem in getattr(self, name).problems()]
@@ -467,35 +471,32 @@ class TrainConfig:
                 not (self.parallel.shard_text_encoder and world_size > 1 and self.model.family == "demo"),
         })
 
-    def check_world_size(self, world_size: int) -> TrainConfig:
+    def check_world_size(self, world_size: int) -> "TrainConfig":
         """Raise UnsupportedConfigError listing what cannot work on `world_size` ranks; return self."""
         _raise(self.world_size_problems(world_size), f"invalid config for {world_size} ranks", UnsupportedConfigError)
         return self
 
-    def validate(self, world_size: int | None = None) -> TrainConfig:
+    def validate(self, world_size: int | None = None) -> "TrainConfig":
         """Raise one ConfigError listing every problem (with `world_size`, then also what cannot work on that many
         ranks, as an UnsupportedConfigError); return self, so `cfg = recipe().validate()` reads well."""
         _raise(self.problems(), "invalid config")
         return self if world_size is None else self.check_world_size(world_size)
 
 
-@cache
-def section_types() -> dict[str, type]:
-    """Section name → its dataclass, in TrainConfig order."""
-    hints = get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig) if f.name != "recipe"}
+SECTIONS: dict[str, type] = {f.name: f.type for f in fields(TrainConfig) if f.name != "recipe"}
+"""Section name → its dataclass, in order: run, model, lora, sampling, nft, reward, filter, optim, parallel,
+checkpoint, metrics, eval, data."""
 
 
-@cache
-def field_types(section_cls: type) -> dict[str, Any]:
-    """Field name → resolved type of one section dataclass, in declaration order."""
-    hints = get_type_hints(section_cls)
-    return {f.name: hints[f.name] for f in fields(section_cls)}
-
-
-SECTIONS = tuple(f.name for f in fields(TrainConfig) if f.name != "recipe")
-"""The section names, in order: run, model, lora, sampling, nft, reward, filter, optim, parallel, checkpoint, metrics,
-eval, data."""
+def check_name(section: str, key: str | None = None) -> None:
+    """ConfigError if `section` (or its `key`) names no option, with the closest name and the valid ones."""
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section {section!r}{did_you_mean(section, SECTIONS)}; "
+                          f"sections: {', '.join(SECTIONS)}")
+    keys = [f.name for f in fields(SECTIONS[section])]
+    if key is not None and key not in keys:
+        raise ConfigError(f"unknown key {key!r} in section [{section}]{did_you_mean(key, keys)}; "
+                          f"keys of [{section}]: {', '.join(keys)}")
 
 
 def _failed(checks: dict[str, bool]) -> list[str]:
@@ -511,28 +512,14 @@ def _raise(found: list[str], title: str, error: type[ConfigError] = ConfigError)
         raise error(f"{title}:\n  - " + "\n  - ".join(found))
 
 
-def _type_problems(cfg: TrainConfig) -> list[str]:
-    """Values of the wrong type, e.g. set in Python: `section.key: problem` (the section alone if it is wrong)."""
-    found = []
-    for name, tp in get_type_hints(TrainConfig).items():
-        section = getattr(cfg, name)
-        problem = _type_problem(section, tp)
-        if problem or name == "recipe":
-            found += [f"{name}: {problem}"] if problem else []
-            continue
-        for key, key_type in field_types(tp).items():
-            problem = _type_problem(getattr(section, key), key_type)
-            found += [f"{name}.{key}: {problem}"] if problem else []
-    return found
-
-
-def _type_problem(value: Any, tp: Any) -> str | None:
+def type_problem(value: Any, tp: Any) -> str | None:
     """Why `value` is not a `tp` (typeguard decides), or a non-finite float: no option means "no limit" by inf (0 does,
     where there is one), and an inf or nan that got through would only surface hours later as a NaN loss."""
     try:
         check_type(value, tp)
     except TypeCheckError as error:
-        return f"{value!r} has the wrong type: {' '.join(str(error).split())}"
+        hint = did_you_mean(value, get_args(tp)) if get_origin(tp) is Literal and isinstance(value, str) else ""
+        return f"{value!r} has the wrong type: {' '.join(str(error).split())}{hint}"
     if any(isinstance(x, float) and not math.isfinite(x) for x in (value if isinstance(value, tuple) else (value,))):
         return f"{value!r} is not a finite float (no float option takes inf or nan)"
     return None
