@@ -23,7 +23,9 @@ Performance choices, each numerically neutral (fp32 parity with diffusers is tes
   keeps its update only when its gate is trained. Every projection is still called as its module, so wrappers such
   as LoRA see ordinary calls;
 - without grad (rollouts) intermediate buffers are released as soon as they are consumed (the `del`s), which sets
-  the peak of a sampling step.
+  the peak of a sampling step; in that mode the MLPs' GELU also overwrites its [B, N, M] input
+  (`ops.gelu_tanh_`, the same kernel and bits as `ops.gelu_tanh`), and the single block writes the normalised q, k
+  back into the QKV buffer that v keeps alive anyway, instead of allocating new buffers of those sizes.
 
 The fused ops and their backends: docs/DESIGN.md §5; the two architectures: docs/ALGORITHM.md §6.
 """
@@ -47,7 +49,8 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 
 class MLP(nn.Module):
     """GELU-tanh MLP (diffusers' FeedForward(activation_fn="gelu-approximate"), dropout-free). The GELU output, kept
-    by fc2 for its weight gradient, is recomputed from fc1's output (kept by the GELU anyway)."""
+    by fc2 for its weight gradient, is recomputed from fc1's output (kept by the GELU anyway). Without grad the GELU
+    overwrites fc1's output in place (`ops.gelu_tanh_`, the same bits)."""
 
     def __init__(self, dim: int, hidden: int, **factory):
         super().__init__()
@@ -56,9 +59,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.fc1(x)  # [B, N, M]
-        act = _gelu(pre)
+        # Without grad nothing else reads pre: the GELU overwrites it, so [B, N, M] exists once, not twice.
+        act = ops.gelu_tanh_(pre) if not torch.is_grad_enabled() else _gelu(pre)
         rebuild = recompute_in_backward(act, lambda pre=pre: _gelu(pre))
-        del pre  # without grad nothing else holds it: freed before fc2 runs
+        del pre
         with rebuild:
             return self.fc2(act)
 
@@ -131,10 +135,18 @@ class DoubleStreamBlock(nn.Module):
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # 6 x [B, C]
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
         n_txt, n_img = txt.shape[1], img.shape[1]
-        q, k, v = (torch.cat(pair, dim=1) for pair in zip(  # joint [text ; image], each [B, Nt+Ni, H, D]
-            self._qkv(txt, txt_mod, self.txt_qkv, self.txt_q_norm, self.txt_k_norm, _rope_rows(rope, 0, n_txt)),
-            self._qkv(img, img_mod, self.img_qkv, self.img_q_norm, self.img_k_norm,
-                      _rope_rows(rope, n_txt, n_txt + n_img))))
+        txt_q, txt_k, txt_v = self._qkv(txt, txt_mod, self.txt_qkv, self.txt_q_norm, self.txt_k_norm,
+                                        _rope_rows(rope, 0, n_txt))
+        img_q, img_k, img_v = self._qkv(img, img_mod, self.img_qkv, self.img_q_norm, self.img_k_norm,
+                                        _rope_rows(rope, n_txt, n_txt + n_img))
+        # Joint [text ; image], each [B, Nt+Ni, H, D]. v first, and each stream's parts dropped once joined: without
+        # grad the per-stream qkv buffers (which the v views keep) are gone before the joint q and k exist.
+        v = torch.cat([txt_v, img_v], dim=1)
+        del txt_v, img_v
+        q = torch.cat([txt_q, img_q], dim=1)
+        del txt_q, img_q
+        k = torch.cat([txt_k, img_k], dim=1)
+        del txt_k, img_k
         attn = ops.attention(q, k, v, key_padding_mask=mask).flatten(2)  # [B, Nt+Ni, C]; q, k already rotated
         del q, k, v
         sizes = [n_txt, n_img]
@@ -173,16 +185,21 @@ class SingleStreamBlock(nn.Module):
         rebuild_h = recompute_in_backward(h, lambda: ops.adaln(x, scale, shift, self.eps))
         with rebuild_h:
             q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
-        attn = ops.attention(ops.rms_norm(q, self.q_norm, self.eps, rope=rope),
-                             ops.rms_norm(k, self.k_norm, self.eps, rope=rope), v,
-                             key_padding_mask=mask).flatten(2)  # [B, N, C]
+        if torch.is_grad_enabled():
+            q = ops.rms_norm(q, self.q_norm, self.eps, rope=rope)
+            k = ops.rms_norm(k, self.k_norm, self.eps, rope=rope)
+        else:  # normalised q, k written back into their slots of the qkv buffer (which v keeps): no new [B, N, C]s
+            q.copy_(ops.rms_norm(q, self.q_norm, self.eps, rope=rope))
+            k.copy_(ops.rms_norm(k, self.k_norm, self.eps, rope=rope))
+        attn = ops.attention(q, k, v, key_padding_mask=mask).flatten(2)  # [B, N, C]
         del q, k, v
         with rebuild_h:
             pre = self.mlp_in(h)  # [B, N, M]
         del h
-        act = _gelu(pre)
+        # Without grad the GELU overwrites pre in place (as in MLP.forward): one [B, N, M] buffer at the peak.
+        act = ops.gelu_tanh_(pre) if not torch.is_grad_enabled() else _gelu(pre)
         rebuild_act = recompute_in_backward(act, (lambda pre=pre: _gelu(pre)) if torch.is_grad_enabled() else None)
-        del pre  # without grad nothing else holds it: freed before the output projection
+        del pre
         with rebuild_act:
             update = split_input_linear(self.out, [attn, act])  # out([attn ; act]) without the concatenation
         del act, attn

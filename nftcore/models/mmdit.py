@@ -217,6 +217,7 @@ class MMDiT(nn.Module):
             img, txt = self._run(block, img, txt, vec, rope, mask)
         if len(self.single_blocks):
             x = torch.cat([txt, img], dim=1)  # joined once for all single blocks (diffusers re-joins per block)
+            del txt, img  # without grad nothing else holds them: not kept alive through every single block
             for block in self.single_blocks:
                 x = self._run(block, x, vec, rope, mask)
             img = x[:, n_txt:]

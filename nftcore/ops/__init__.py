@@ -9,11 +9,11 @@ from .adaln import adaln, gated_adaln, gated_residual
 from .attention import attention
 from .checks import NonFiniteError
 from .dispatch import Backend, last_backend, select_backend
-from .gelu import gelu_tanh
+from .gelu import gelu_tanh, gelu_tanh_
 from .nft_loss import nft_loss
 from .reference import NFTLossOutput
 from .rms_norm import rms_norm
 from .score_logits import score_logits
 
 __all__ = ["Backend", "NFTLossOutput", "NonFiniteError", "adaln", "attention", "gated_adaln", "gated_residual",
-           "gelu_tanh", "last_backend", "nft_loss", "rms_norm", "score_logits", "select_backend"]
+           "gelu_tanh", "gelu_tanh_", "last_backend", "nft_loss", "rms_norm", "score_logits", "select_backend"]
