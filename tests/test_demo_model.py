@@ -9,7 +9,7 @@ import torch
 
 from nftcore.demo import DemoDataset, stack_images, tokenize_batch
 from nftcore.demo.model import ASSET, DemoPolicy, pack_images, select_conditioning, unpack_images
-from nftcore.demo.pretrain import PretrainConfig, eval_tasks, evaluate, flow_matching_loss, pretrain
+from nftcore.demo.pretrain import PretrainConfig, eval_tasks, evaluate, flow_matching_loss, pretrain, underedited
 from nftcore.models.lora import adapters_disabled, apply_lora, trainable_parameters, using_adapter
 
 SIZE = DemoPolicy().demo.image_size  # 16 px: 4 × 4 tokens of 4 × 4 pixels
@@ -128,7 +128,7 @@ def test_lora_starts_as_identity_and_trains_only_adapters(tasks):
 
 
 def test_pretrain_runs_a_few_steps():
-    cfg = PretrainConfig(steps=3, batch_size=4, warmup=1, eval_every=0, seed=1)
+    cfg = PretrainConfig(steps=3, batch_size=4, warmup=1, underedit_steps=2, eval_every=0, seed=1)
     policy = DemoPolicy.fresh(cfg.seed)
     start = {k: v.clone() for k, v in policy.state_dict().items()}
     trained = pretrain(cfg, policy=policy, log=None)
@@ -140,6 +140,18 @@ def test_pretrain_runs_a_few_steps():
     # deterministic from the seed
     again = pretrain(cfg, log=None)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
+
+
+def test_underedited_targets_are_blends_the_verifier_scores_linearly():
+    from nftcore.demo.verifier import SOURCE_CREDIT, verify
+
+    tasks = list(DemoDataset(6, seed=3, size=SIZE).tasks)
+    assert all(torch.equal(underedited(t, 0.0).target_image, t.source_image) for t in tasks)
+    assert all(torch.equal(underedited(t, 1.0).target_image, t.target_image) for t in tasks)
+    faint = [underedited(t, 0.3) for t in tasks]
+    assert [f.instruction for f in faint] == [t.instruction for t in tasks]  # the pair keeps the true instruction
+    scores = verify(torch.stack([f.target_image for f in faint]), tasks)  # judged against the true target
+    torch.testing.assert_close(scores, torch.full_like(scores, SOURCE_CREDIT + (1 - SOURCE_CREDIT) * 0.3))
 
 
 def test_before_after_summary_pairs_tasks_and_splits_by_type():

@@ -4,7 +4,7 @@
   the ≈ 0.5 M-parameter pretrained demo policy at 16² px, K = 8 edits × G = 8 prompts per epoch in rollout batches
   of 16, dpm2 × 6 sampler steps (T_train = 5), LoRA r = 16 / α = 32 on attention and MLPs, lr 3e-3, 4 optimizer
   steps per epoch, β = 0.1 (Edit-R1: 1.0; a bigger step per epoch), λ_KL = 1e-4, old-policy preset 1, 100 epochs,
-  EMA eval on 64 held-out tasks every 20, a checkpoint every 25. About 6 minutes on an idle 2-core CPU; the
+  EMA eval on 64 held-out tasks every 20, a checkpoint every 25: a few minutes on two CPU cores. The
   measurements behind these values are in bench/RESULTS.md ("Embedded demo").
 - `kontext_edit_r1`, `qwen_image_edit_r1`: Edit-R1 on FLUX.1-Kontext-dev and Qwen-Image-Edit-2509 with the defaults
   of the official Edit-R1 configs. Every value is written out here, even where it equals a field default, so the

@@ -20,10 +20,10 @@ while being small enough to pretrain, sample and RL-train on two CPU cores in mi
   sample under no_grad, as the real trainer does with T5/CLIP).
 
 Sampling uses `nftcore.sampling` on FLUX's own shifted grid at the demo's target token count (`flux_sigmas(n, 16)`,
-mu ≈ 0.46: a mild pull of the few steps towards high noise). With the shipped base model the uniform grid scores the
-same within ±0.01 at 4, 6, 8 and 12 steps (dpm2 and euler), and at 32 px the shifted grid was ≈ 0.03 better at
-4–8 steps, so the family's schedule it is: the training timesteps then come from the same function as in the real
-recipes. Everything is float32.
+mu ≈ 0.46: a mild pull of the few steps towards high noise). With an earlier, less trained base model the uniform
+grid scored the same within ±0.01 at 4, 6, 8 and 12 steps (dpm2 and euler), and at 32 px the shifted grid was ≈ 0.03
+better at 4–8 steps, so the family's schedule it is: the training timesteps then come from the same function as in
+the real recipes. Everything is float32.
 
 One checkpoint file: `save`/`load` write a single safetensors file whose metadata header holds the config as JSON
 (`"nftcore.demo"` key) and whose tensors are `transformer.*` + `text_encoder.*`.
