@@ -9,7 +9,8 @@ two arms, each run a subprocess with its own `--run.seed S --run.out OUT/ARM-see
   implicit positive policy).
 
 and reports both side by side, whatever they show: a per-epoch table of the mean rollout reward (mean ± std over
-seeds, per arm), the base and final (EMA) eval reward of every run with its rise, wall times, and a PNG
+seeds, per arm), the base and final (EMA) eval reward of every run with its rise, wall times, the same per task
+type (move / recolour / remove: which kinds improved), and a PNG
 (OUT/demo_seeds.png: one panel per arm on a shared scale, thin lines per seed, a thick moving-average of the seed
 mean, circles for the periodic EMA evals). Everything per run also goes to OUT/summary.json.
 
@@ -57,6 +58,8 @@ COLORS = {"full": ((30, 80, 220), (160, 185, 245)), "positive": ((215, 70, 30), 
 BASE_LINE = re.compile(r"^# base model: eval reward (\S+)", re.M)
 FINAL_LINE = re.compile(r"^# final \(EMA\) model: eval reward (\S+)", re.M)
 EVAL_LINE = re.compile(r"^epoch (\d+): eval reward \(EMA[^)]*\) (\S+)", re.M)
+# The closing per-task-type table: "#   move   25   0.392 ± 0.009   0.636 ± 0.039   +0.244 ± 0.037"
+TYPE_LINE = re.compile(r"^#\s+(\w+)\s+(\d+)\s+(\S+) ± \S+\s+(\S+) ± \S+\s+\S+ ± \S+$", re.M)
 
 
 # ---------------------------------------------------------------------------------------------------------- runs
@@ -84,7 +87,13 @@ def run_one(arm: str, seed: int, out: Path, trainer_args: list[str], threads: in
     return {"arm": arm, "seed": seed, "wall_s": round(wall, 1), "out": str(run_dir),
             "epoch_rewards": [by_epoch.get(e) for e in range(max(by_epoch, default=-1) + 1)],
             "base_eval": _number(BASE_LINE, text), "final_eval": _number(FINAL_LINE, text),
-            "evals": [(int(e) + 1, float(r)) for e, r in EVAL_LINE.findall(text)]}  # (after N epochs, reward)
+            "evals": [(int(e) + 1, float(r)) for e, r in EVAL_LINE.findall(text)],  # (after N epochs, reward)
+            "task_types": task_types(text)}
+
+
+def task_types(text: str) -> dict[str, list[float]]:
+    """The run's closing table: task type -> [n, base eval, final eval] (empty without evaluation)."""
+    return {kind: [int(n), float(base), float(final)] for kind, n, base, final in TYPE_LINE.findall(text)}
 
 
 def _number(pattern: re.Pattern, text: str) -> float | None:
@@ -146,6 +155,16 @@ def format_report(runs: list[dict], arms: list[str]) -> str:
         lines.append(f"{arm:>9} | {len(rs):5d} | {_pm([r['base_eval'] for r in rs]):>17} | "
                      f"{_pm([r['final_eval'] for r in rs]):>17} | {_pm([_rise(r) for r in rs]):>19} | "
                      f"{_pm([r['wall_s'] for r in rs], 1)}")
+    kinds = list(dict.fromkeys(k for r in runs for k in r.get("task_types", {})))
+    if kinds:
+        lines += ["", "per task type: eval reward, mean ± std over seeds (n = tasks of that type)",
+                  f"{'arm':>9} | {'type':>8} |  n | base eval         | final eval        | rise"]
+        for arm in arms:
+            for kind in kinds:
+                rows = [r["task_types"][kind] for r in by_arm[arm] if kind in r.get("task_types", {})]
+                if rows:
+                    lines.append(f"{arm:>9} | {kind:>8} | {rows[0][0]:2d} | {_pm([b for _, b, _ in rows], 3):>17} | "
+                                 f"{_pm([f for _, _, f in rows], 3):>17} | {_pm([f - b for _, b, f in rows], 3)}")
     return "\n".join(lines)
 
 
