@@ -171,7 +171,7 @@ def _raise_unknown_option(token: str) -> None:
         raise ConfigError(f"unexpected argument {token!r}: options look like --section.key=value (see --help)")
     section, dot, key = token.lstrip("-").partition("=")[0].replace("-", "_").partition(".")
     if dot:
-        check_name(section, key)
+        check_name(section, key, where=token)
     # `--seed`: a key without its section, or a misspelt --config / --resume
     owners = [f"--{name}.{section}" for name, cls in SECTIONS.items() if section in {f.name for f in fields(cls)}]
     hint = f" (did you mean {owners[0]!r}?)" if owners else did_you_mean(section, ["config", "resume"])

@@ -488,14 +488,16 @@ SECTIONS: dict[str, type] = {f.name: f.type for f in fields(TrainConfig) if f.na
 checkpoint, metrics, eval, data."""
 
 
-def check_name(section: str, key: str | None = None) -> None:
-    """ConfigError if `section` (or its `key`) names no option, with the closest name and the valid ones."""
+def check_name(section: str, key: str | None = None, where: str = "") -> None:
+    """ConfigError if `section` (or its `key`) names no option, with the closest name and the valid ones; `where`
+    (the flag as typed) is quoted in the message."""
+    at = f" ({where})" if where else ""
     if section not in SECTIONS:
-        raise ConfigError(f"unknown config section {section!r}{did_you_mean(section, SECTIONS)}; "
+        raise ConfigError(f"unknown config section {section!r}{at}{did_you_mean(section, SECTIONS)}; "
                           f"sections: {', '.join(SECTIONS)}")
     keys = [f.name for f in fields(SECTIONS[section])]
     if key is not None and key not in keys:
-        raise ConfigError(f"unknown key {key!r} in section [{section}]{did_you_mean(key, keys)}; "
+        raise ConfigError(f"unknown key {key!r} in section [{section}]{at}{did_you_mean(key, keys)}; "
                           f"keys of [{section}]: {', '.join(keys)}")
 
 
