@@ -142,6 +142,16 @@ def test_pretrain_runs_a_few_steps():
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in policy.state_dict().items())
 
 
+def test_pretrain_settings_out_of_range_are_named(capsys):
+    with pytest.raises(ValueError, match="underedit_strength = 1.5"):
+        PretrainConfig(underedit_strength=1.5)
+    from nftcore.demo.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--underedit-lr", "0", "--out", "unused.safetensors"])
+    assert exit_info.value.code == 2 and "underedit_lr = 0.0" in capsys.readouterr().err
+
+
 def test_underedited_targets_are_blends_the_verifier_scores_linearly():
     from nftcore.demo.verifier import SOURCE_CREDIT, verify
 

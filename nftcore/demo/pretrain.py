@@ -76,6 +76,16 @@ class PretrainConfig:
     eval_steps: int = 6
     log_every: int = 50
 
+    def __post_init__(self):
+        bad = [f"{name} = {value!r}" for name, value, ok in (
+            ("steps", self.steps, self.steps >= 0), ("batch_size", self.batch_size, self.batch_size >= 1),
+            ("lr", self.lr, self.lr > 0), ("underedit_steps", self.underedit_steps, self.underedit_steps >= 0),
+            ("underedit_strength", self.underedit_strength, 0.0 <= self.underedit_strength <= 1.0),
+            ("underedit_lr", self.underedit_lr, self.underedit_lr > 0)) if not ok]
+        if bad:
+            raise ValueError(f"pretraining settings out of range: {', '.join(bad)} (steps ≥ 0, batch_size ≥ 1, "
+                             f"learning rates > 0, underedit_strength in [0, 1])")
+
 
 def eval_tasks(n: int = 64, size: int = DemoConfig().image_size) -> list[EditTask]:
     """The fixed evaluation tasks: the first `n` of `DemoDataset(seed=EVAL_SEED, size=size)`."""
@@ -188,9 +198,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch intra-op threads (1 is fastest for this tiny model and keeps runs reproducible)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         underedit_steps=args.underedit_steps, underedit_strength=args.underedit_strength,
-                         underedit_lr=args.underedit_lr, eval_every=args.eval_every)
+    try:
+        cfg = PretrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             underedit_steps=args.underedit_steps, underedit_strength=args.underedit_strength,
+                             underedit_lr=args.underedit_lr, eval_every=args.eval_every)
+    except ValueError as error:
+        parser.error(str(error))
     start = time.perf_counter()
     policy = pretrain(cfg)
     path = policy.save(args.out, extra_metadata={"nftcore.demo.pretrain": repr(cfg)})
