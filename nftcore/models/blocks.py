@@ -113,6 +113,10 @@ class DoubleStreamBlock(nn.Module):
         """Modulated norm -> fused QKV -> q, k RMS-normed and rotated. x [B, N, C] -> three [B, N, H, D]."""
         qkv = modulated(proj, x, mod[0], mod[1], self.eps)  # [B, N, 3C]
         q, k, v = qkv.unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
+        if torch.is_grad_enabled():
+            # The norms save their input for backward; as views they would keep the whole [B, N, 3C] buffer alive
+            # although v is only read once, into the joint v. Copies of q and k let that buffer go after the join.
+            q, k = q.contiguous(), k.contiguous()
         return ops.rms_norm(q, q_w, self.eps, rope=rope), ops.rms_norm(k, k_w, self.eps, rope=rope), v
 
     def _tail(self, x, mod, attn_out, mlp):
