@@ -30,13 +30,6 @@ at::Tensor as_rows4(const at::Tensor& t) {
   return x.reshape({1, 1, -1, D});  // a view whenever the rows can be addressed with one stride
 }
 
-template <typename T>
-const typename Elem<T>::storage* row_of(const at::Tensor& t, int64_t r) {
-  const int64_t H = t.size(2), N = t.size(1);
-  const int64_t h = r % H, n = (r / H) % N, b = r / (H * N);
-  return cdata<T>(t) + b * t.stride(0) + n * t.stride(1) + h * t.stride(2);
-}
-
 // The (cos, sin) tables as fp32 [B|1, N, D/2] with a unit last stride, addressed per (b, n) row.
 struct Table {
   at::Tensor t;
@@ -79,14 +72,12 @@ Rope rope_of(const char* op, const std::optional<at::Tensor>& cos, const std::op
 // ------------------------------------------------------------------------------------------------ row kernels
 
 template <typename T>
-NFTCORE_CLONES
-float row_rstd(const typename Elem<T>::storage* x, int64_t D, float eps) {
+inline float row_rstd(const typename Elem<T>::storage* x, int64_t D, float eps) {
   return 1.0f / std::sqrt(row_sq_dev<T>(x, D, 0.0f) / static_cast<float>(D) + eps);  // (x − 0)² = x², exactly
 }
 
 template <typename T>
-NFTCORE_CLONES
-void norm_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ w, float r,
+inline void norm_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ w, float r,
               typename Elem<T>::storage* __restrict__ y, int64_t D) {
   using E = Elem<T>;
   for (int64_t i = 0; i < D; ++i) y[i] = E::store(E::load(x[i]) * r * w[i]);
@@ -94,8 +85,7 @@ void norm_row(const typename Elem<T>::storage* __restrict__ x, const float* __re
 
 // n = x·rstd·w, then the pairs turned by θ: (n₀·c − n₁·s, n₀·s + n₁·c), the complex product n·(c + i·s).
 template <typename T>
-NFTCORE_CLONES
-void norm_rope_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ w, float r,
+inline void norm_rope_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ w, float r,
                    const float* __restrict__ c, const float* __restrict__ s, typename Elem<T>::storage* __restrict__ y,
                    int64_t half) {
   using E = Elem<T>;
@@ -108,8 +98,7 @@ void norm_rope_row(const typename Elem<T>::storage* __restrict__ x, const float*
 
 // g = grad turned by −θ: the complex product grad·(c − i·s) = (g₀·c + g₁·s, g₁·c − g₀·s).
 template <typename T>
-NFTCORE_CLONES
-void unrotate_row(const typename Elem<T>::storage* __restrict__ grad, const float* __restrict__ c,
+inline void unrotate_row(const typename Elem<T>::storage* __restrict__ grad, const float* __restrict__ c,
                   const float* __restrict__ s, float* __restrict__ g, int64_t half) {
   using E = Elem<T>;
   for (int64_t k = 0; k < half; ++k) {
@@ -120,15 +109,13 @@ void unrotate_row(const typename Elem<T>::storage* __restrict__ grad, const floa
 }
 
 template <typename T>
-NFTCORE_CLONES
-void load_row(const typename Elem<T>::storage* __restrict__ src, float* __restrict__ dst, int64_t D) {
+inline void load_row(const typename Elem<T>::storage* __restrict__ src, float* __restrict__ dst, int64_t D) {
   for (int64_t i = 0; i < D; ++i) dst[i] = Elem<T>::load(src[i]);
 }
 
 // x̂ = x·rstd (kept), returns Σ g·x̂·w; with kDW also dw += g·x̂ (the piece's column sums).
 template <typename T, bool kDW>
-NFTCORE_CLONES
-float dot_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ g, const float* __restrict__ w,
+inline float dot_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ g, const float* __restrict__ w,
               float r, float* __restrict__ xh, float* __restrict__ dw, int64_t D) {
   float acc[kLanes] = {};
   auto step = [&](int64_t i, int j) {
@@ -147,31 +134,79 @@ float dot_row(const typename Elem<T>::storage* __restrict__ x, const float* __re
 }
 
 template <typename T>
-NFTCORE_CLONES
-void dx_row(const float* __restrict__ g, const float* __restrict__ w, const float* __restrict__ xh, float c2, float r,
+inline void dx_row(const float* __restrict__ g, const float* __restrict__ w, const float* __restrict__ xh, float c2, float r,
             typename Elem<T>::storage* __restrict__ dx, int64_t D) {
   for (int64_t i = 0; i < D; ++i) dx[i] = Elem<T>::store((g[i] * w[i] - xh[i] * c2) * r);
 }
 
 // ------------------------------------------------------------------------------------------------ the ops
 
+// Rows of a [B, N, H, D] view as raw pointers and strides, and a (b, n, h) cursor over them: the row loops below
+// take a range of rows and read nothing through at::Tensor inside it (an accessor call per row of D = 32-128
+// elements cost more than the row's arithmetic).
+template <typename S>
+struct RowPtrs {
+  S* base;
+  int64_t sb, sn, sh;
+  S* at(int64_t b, int64_t n, int64_t h) const { return base + b * sb + n * sn + h * sh; }
+};
+
+template <typename S>
+RowPtrs<S> row_ptrs(const at::Tensor& t) {
+  return {reinterpret_cast<S*>(t.data_ptr()), t.stride(0), t.stride(1), t.stride(2)};
+}
+
+struct RopePtrs {
+  const float *cos = nullptr, *sin = nullptr;
+  int64_t cb = 0, cn = 0, sb = 0, sn = 0;
+};
+
+RopePtrs rope_ptrs(const Rope& rope) {
+  if (!rope.on) return {};
+  return {rope.cos.t.const_data_ptr<float>(), rope.sin.t.const_data_ptr<float>(), rope.cos.sb, rope.cos.sn,
+          rope.sin.sb, rope.sin.sn};
+}
+
+struct Cursor {
+  int64_t b, n, h;
+  const int64_t N, H;
+  Cursor(int64_t r, int64_t N_, int64_t H_) : b(r / (H_ * N_)), n((r / H_) % N_), h(r % H_), N(N_), H(H_) {}
+  void next() {
+    if (++h == H) {
+      h = 0;
+      if (++n == N) n = 0, ++b;
+    }
+  }
+};
+
+template <typename T>
+NFTCORE_CLONES void forward_rows(RowPtrs<const typename Elem<T>::storage> x, const float* __restrict__ w,
+                                 RopePtrs rope, float eps, typename Elem<T>::storage* __restrict__ y,
+                                 float* __restrict__ rstd, int64_t N, int64_t H, int64_t D, int64_t lo, int64_t hi) {
+  Cursor c(lo, N, H);
+  for (int64_t r = lo; r < hi; ++r, c.next()) {
+    const auto* xr = x.at(c.b, c.n, c.h);
+    const float rs = row_rstd<T>(xr, D, eps);
+    rstd[r] = rs;
+    if (rope.cos) {
+      norm_rope_row<T>(xr, w, rs, rope.cos + c.b * rope.cb + c.n * rope.cn, rope.sin + c.b * rope.sb + c.n * rope.sn,
+                       y + r * D, D / 2);
+    } else {
+      norm_row<T>(xr, w, rs, y + r * D, D);
+    }
+  }
+}
+
 template <typename T>
 void forward_kernel(const at::Tensor& x, const float* w, const Rope& rope, float eps, const at::Tensor& y,
                     float* rstd) {
+  using S = typename Elem<T>::storage;
   const int64_t N = x.size(1), H = x.size(2), D = x.size(3), R = x.size(0) * N * H;
-  auto* out = mdata<T>(y);
+  const RowPtrs<const S> xp = row_ptrs<const S>(x);
+  const RopePtrs rp = rope_ptrs(rope);
+  S* out = mdata<T>(y);
   at::parallel_for(0, R, row_grain(D), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const auto* xr = row_of<T>(x, r);
-      const float rs = row_rstd<T>(xr, D, eps);
-      rstd[r] = rs;
-      if (rope.on) {
-        const int64_t n = (r / H) % N, b = r / (H * N);
-        norm_rope_row<T>(xr, w, rs, rope.cos.row(b, n), rope.sin.row(b, n), out + r * D, D / 2);
-      } else {
-        norm_row<T>(xr, w, rs, out + r * D, D);
-      }
-    }
+    forward_rows<T>(xp, w, rp, eps, out, rstd, N, H, D, lo, hi);
   });
 }
 
@@ -198,29 +233,46 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_in, cons
   return {y, rstd};
 }
 
+// Rows [lo, hi) of the backward: dx (when dx is given) and, with kDW, Σ g·x̂ added into dw [D].
+template <typename T, bool kDW>
+NFTCORE_CLONES void backward_rows(RowPtrs<const typename Elem<T>::storage> grad,
+                                  RowPtrs<const typename Elem<T>::storage> x, const float* __restrict__ w,
+                                  const float* __restrict__ rstd, RopePtrs rope, typename Elem<T>::storage* dx,
+                                  float* __restrict__ dw, float* __restrict__ g, float* __restrict__ xh, int64_t N,
+                                  int64_t H, int64_t D, int64_t lo, int64_t hi) {
+  Cursor c(lo, N, H);
+  for (int64_t r = lo; r < hi; ++r, c.next()) {
+    const auto* gr = grad.at(c.b, c.n, c.h);
+    if (rope.cos) {
+      unrotate_row<T>(gr, rope.cos + c.b * rope.cb + c.n * rope.cn, rope.sin + c.b * rope.sb + c.n * rope.sn, g,
+                      D / 2);
+    } else {
+      load_row<T>(gr, g, D);
+    }
+    const float dot = dot_row<T, kDW>(x.at(c.b, c.n, c.h), g, w, rstd[r], xh, dw, D);
+    if (dx) dx_row<T>(g, w, xh, dot / static_cast<float>(D), rstd[r], dx + r * D, D);
+  }
+}
+
 template <typename T>
 void backward_kernel(const at::Tensor& grad, const at::Tensor& x, const float* w, const float* rstd, const Rope& rope,
                      const at::Tensor* dx, float* ws, const Pieces& pieces) {
+  using S = typename Elem<T>::storage;
   const int64_t N = x.size(1), H = x.size(2), D = x.size(3), R = x.size(0) * N * H;
+  const RowPtrs<const S> gp = row_ptrs<const S>(grad), xp = row_ptrs<const S>(x);
+  const RopePtrs rp = rope_ptrs(rope);
+  S* dxp = dx ? mdata<T>(*dx) : nullptr;
   at::parallel_for(0, pieces.count, std::max<int64_t>(1, row_grain(D) / pieces.size), [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch(2 * D);
     float *g = scratch.data(), *xh = g + D;
     for (int64_t p = lo; p < hi; ++p) {
       float* dw = ws ? ws + p * D : nullptr;
       if (dw) std::fill(dw, dw + D, 0.0f);
-      const int64_t end = std::min(R, (p + 1) * pieces.size);
-      for (int64_t r = p * pieces.size; r < end; ++r) {
-        const auto* gr = row_of<T>(grad, r);
-        if (rope.on) {
-          const int64_t n = (r / H) % N, b = r / (H * N);
-          unrotate_row<T>(gr, rope.cos.row(b, n), rope.sin.row(b, n), g, D / 2);
-        } else {
-          load_row<T>(gr, g, D);
-        }
-        const auto* xr = row_of<T>(x, r);
-        const float dot = dw ? dot_row<T, true>(xr, g, w, rstd[r], xh, dw, D)
-                             : dot_row<T, false>(xr, g, w, rstd[r], xh, nullptr, D);
-        if (dx) dx_row<T>(g, w, xh, dot / static_cast<float>(D), rstd[r], mdata<T>(*dx) + r * D, D);
+      const int64_t begin = p * pieces.size, end = std::min(R, begin + pieces.size);
+      if (dw) {
+        backward_rows<T, true>(gp, xp, w, rstd, rp, dxp, dw, g, xh, N, H, D, begin, end);
+      } else {
+        backward_rows<T, false>(gp, xp, w, rstd, rp, dxp, nullptr, g, xh, N, H, D, begin, end);
       }
     }
   });

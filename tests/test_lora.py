@@ -29,6 +29,7 @@ from nftcore.models.lora import (
     apply_lora,
     copy_adapter_,
     count_parameters,
+    enable_merged_weight_cache,
     lora_layers,
     merge_adapter,
     set_active_adapter,
@@ -703,3 +704,72 @@ def test_merged_forward_only_for_fp32_and_enough_tokens():
         assert not layer._merge_pays(torch.randn(1, 2, 64), "old")
         layer.to(torch.bfloat16)
         assert not layer._merge_pays(torch.randn(4, 256, 64, dtype=torch.bfloat16), "old")
+
+
+def test_merged_weight_cache_reuses_the_weight_only_while_the_adapter_and_base_are_unchanged():
+    """`enable_merged_weight_cache`: a no-grad forward reuses the merged weight of the previous call (the very
+    tensor, so the same bits), and rebuilds it after any in-place change of W, A or B (an optimizer step, the soft
+    update) or a switch of adapter; turned off, nothing is kept."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(64, 96), [("q", slice(0, 32)), ("v", slice(64, 96))], where="x")
+    for name in ("default", "old"):
+        layer.add_adapter(name, rank=8, alpha=16.0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape) * 0.3)
+    x = torch.randn(4, 256, 64)
+    assert not layer.cache_merged
+    assert enable_merged_weight_cache(layer) == 96 * 64 * 4
+
+    def forward(name):
+        layer.active_adapter = name
+        with torch.no_grad():
+            assert layer._merge_pays(x, name)
+            return layer(x)
+
+    def fresh(name):
+        layer.cache_merged = False
+        try:
+            return forward(name)
+        finally:
+            layer.cache_merged = True
+
+    first = forward("old")
+    kept = layer._merged_cache[1]
+    assert torch.equal(forward("old"), first) and layer._merged_cache[1] is kept
+    changes = [lambda: layer.lora_A["old"][1].add_(0.1), lambda: layer.lora_B["old"][0].mul_(1.5),
+               lambda: layer.weight.sub_(0.01)]
+    for change in changes:
+        with torch.no_grad():
+            change()
+        out = forward("old")
+        assert layer._merged_cache[1] is not kept, "stale merged weight after an in-place update"
+        assert torch.equal(out, fresh("old"))
+        kept = layer._merged_cache[1]
+    assert torch.equal(forward("default"), fresh("default"))  # another adapter: another weight
+    enable_merged_weight_cache(layer, False)
+    assert layer._merged_cache is None
+    forward("old")
+    assert layer._merged_cache is None
+
+
+def test_adapter_on_the_leading_rows_writes_both_halves_into_one_output_without_grad():
+    """The merged no-grad path of `adapter_per_row` (θ_old on the first rows, the base on the rest) fills one output
+    instead of concatenating two: the same bits as the two halves computed apart, plain and split-input layers."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(nn.Linear(64, 48), where="x")
+    layer.add_adapter("old", rank=8, alpha=16.0)
+    with torch.no_grad():
+        layer.lora_B["old"][0].normal_()
+    x = torch.randn(6, 128, 64)
+    with torch.no_grad():
+        layer.active_adapter = "old"
+        adapted = layer(x[:3])
+        layer.active_adapter = None
+        base = layer(x[3:])
+        layer.active_adapter, layer.adapted_rows = "old", 3
+        assert layer._merge_pays(x, "old")
+        both = layer(x)
+        split = layer.forward_split_input([x[..., :40], x[..., 40:]])
+    assert torch.equal(both[:3], adapted) and torch.equal(both[3:], base)
+    torch.testing.assert_close(split, both)  # two addmm over column blocks: the sum rounds in another order

@@ -22,6 +22,7 @@ import torch
 
 from nftcore.config import ConfigError, load_config
 from nftcore.demo.family import DemoReward
+from nftcore.models.lora import lora_layers
 from nftcore.reward.base import RewardResult
 from nftcore.trainer import REQUIRED_KEYS, NonFiniteLossError, Role, Trainer, read_metrics
 from tests.helpers.trainer import loss_trace, run_tiny, tiny_args
@@ -42,6 +43,8 @@ def test_smoke_run_writes_metrics_checkpoints_and_lora(tmp_path):
                 "time_reward_wait", "time_train"} <= row.keys()
         assert row["samples_per_s_per_rank"] == row["samples_per_s"] and row["rollout_samples_per_s_per_rank"] > 0
     assert result["step"] == 4 and result["epoch"] == 2
+    # one process, a small model: the no-grad forwards keep their merged LoRA weights between calls
+    assert all(layer.cache_merged for layer in lora_layers(trainer.weights.model).values())
     last = tmp_path / "checkpoints" / "epoch-000002"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-000002"]  # keep_latest = 1
     assert (last / "COMPLETE").is_file() and (last / "config.toml").is_file()

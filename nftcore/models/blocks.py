@@ -178,8 +178,12 @@ class SingleStreamBlock(nn.Module):
         self.checkpointing = False
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor, rope: Rope | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                mask: torch.Tensor | None, keep: tuple[int, int] | None = None) -> torch.Tensor:
         """x [B, N, C] (text then image), vec [B, C] -> x updated.
+
+        `keep = (start, stop)`: only the tokens [start, stop) are wanted from this block (the last one, when the
+        MMDiT returns just the edit target): the others still give keys and values, but their query, MLP and output
+        projection are skipped, and the block returns [B, stop − start, C], those tokens' values exactly.
 
         The MLP input is projected after the attention, not fused into the QKV GEMM: the q/k/v buffer is then free
         before the [B, N, M] MLP activations exist, which lowers the no-grad (rollout) peak; with grad the same
@@ -189,16 +193,19 @@ class SingleStreamBlock(nn.Module):
         rebuild_h = recompute_in_backward(h, lambda: ops.adaln(x, scale, shift, self.eps))
         with rebuild_h:
             q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, self.head_dim)).unbind(2)
+        q_rope, residual = rope, x  # not `x = ...`: rebuild_h's lambda reads x when backward runs
+        if keep is not None:
+            q, q_rope, residual = q[:, keep[0]:keep[1]], _rope_rows(rope, *keep), x[:, keep[0]:keep[1]]
         if torch.is_grad_enabled():
-            q = ops.rms_norm(q, self.q_norm, self.eps, rope=rope)
+            q = ops.rms_norm(q, self.q_norm, self.eps, rope=q_rope)
             k = ops.rms_norm(k, self.k_norm, self.eps, rope=rope)
         else:  # normalised q, k written back into their slots of the qkv buffer (which v keeps): no new [B, N, C]s
-            q.copy_(ops.rms_norm(q, self.q_norm, self.eps, rope=rope))
+            q.copy_(ops.rms_norm(q, self.q_norm, self.eps, rope=q_rope))
             k.copy_(ops.rms_norm(k, self.k_norm, self.eps, rope=rope))
-        attn = ops.attention(q, k, v, key_padding_mask=mask).flatten(2)  # [B, N, C]
+        attn = ops.attention(q, k, v, key_padding_mask=mask).flatten(2)  # [B, N or kept, C]
         del q, k, v
         with rebuild_h:
-            pre = self.mlp_in(h)  # [B, N, M]
+            pre = self.mlp_in(h if keep is None else h[:, keep[0]:keep[1]])  # [B, N or kept, M]
         del h
         # Without grad the GELU overwrites pre in place (as in MLP.forward): one [B, N, M] buffer at the peak.
         act = ops.gelu_tanh_(pre) if not torch.is_grad_enabled() else _gelu(pre)
@@ -207,4 +214,4 @@ class SingleStreamBlock(nn.Module):
         with rebuild_act:
             update = split_input_linear(self.out, [attn, act])  # out([attn ; act]) without the concatenation
         del act, attn
-        return ops.gated_residual(x, gate, update)
+        return ops.gated_residual(residual, gate, update)

@@ -135,6 +135,11 @@ class LoRALinear(nn.Linear):
         self.disabled = False
         self.merged_adapter: str | None = None
         self.adapted_rows: int | None = None  # only the first input rows (dim 0) get the update: adapter_per_row
+        # Keep the last no-grad merged weight W + scale·BA for reuse while W, A and B are unchanged (see
+        # `_merged_weight`); off by default: it costs one more copy of W. `enable_merged_weight_cache` turns it on.
+        self.cache_merged = False
+        self._merged_cache: tuple[tuple, torch.Tensor] | None = None
+        self._params: dict[str, tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = {}
         # output rows in order: (start, stop, segment index or None for rows without LoRA)
         self._runs: list[tuple[int, int, int | None]] = []
         row = 0
@@ -182,6 +187,15 @@ class LoRALinear(nn.Linear):
             b_list.append(nn.Parameter(torch.zeros(seg.size, rank, **factory)))
         self.lora_A[name], self.lora_B[name] = a_list, b_list
         self.rank[name], self.alpha[name] = rank, float(alpha)
+        self._params.pop(name, None)
+
+    def _adapter_params(self, name: str) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
+        """(A_s..., B_s...) of adapter `name` as plain tuples: a ParameterList lookup per forward costs more than the
+        small model's GEMMs. The lists only change in `add_adapter`, which drops the entry."""
+        params = self._params.get(name)
+        if params is None:
+            params = self._params[name] = (tuple(self.lora_A[name]), tuple(self.lora_B[name]))
+        return params
 
     def scale(self, name: str) -> float:
         return self.alpha[name] / self.rank[name]
@@ -211,13 +225,13 @@ class LoRALinear(nn.Linear):
 
     def _cat_a(self, name: str) -> torch.Tensor:
         """All segments' A stacked [S·r, in], so the first LoRA GEMM is one call."""
-        a_list = self.lora_A[name]
-        return a_list[0] if len(a_list) == 1 else torch.cat(list(a_list))
+        a_list = self._adapter_params(name)[0]
+        return a_list[0] if len(a_list) == 1 else torch.cat(a_list)
 
     def _add_update(self, y: torch.Tensor, h: torch.Tensor, name: str, *, inplace: bool = False) -> torch.Tensor:
         """y plus each segment's h_s B_sᵀ on its rows, where h = scale · x A_catᵀ [.., S·r]; `inplace` adds into y
         (a view of a no-grad output)."""
-        b_list = self.lora_B[name]
+        b_list = self._adapter_params(name)[1]
         parts = h.split(self.rank[name], dim=-1) if len(b_list) > 1 else (h,)
         deltas = {seg.start: F.linear(part, b).to(y.dtype) for seg, part, b in zip(self.segments, parts, b_list)}
         if inplace:
@@ -232,7 +246,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self._adapter_in_use()
         if name is not None and self._merge_pays(x, name):
-            return self._updated_merged(x, name, lambda w, rows: F.linear(rows, w, self.bias))
+            return self._updated_merged(x, name, lambda parts, w, out: _split_input_linear(parts, [w], self.bias,
+                                                                                          out=out))
         y = F.linear(x, self.weight, self.bias)
         if name is None:
             return y
@@ -268,7 +283,7 @@ class LoRALinear(nn.Linear):
         name = self._adapter_in_use()
         if name is not None and self._merge_pays(parts[0], name):
             return self._updated_merged(
-                parts, name, lambda w, rows: _split_input_linear(rows, w.split(widths, dim=1), self.bias))
+                parts, name, lambda rows, w, out: _split_input_linear(rows, w.split(widths, dim=1), self.bias, out=out))
         y = _split_input_linear(parts, self.weight.split(widths, dim=1), self.bias)
         if name is None:
             return y
@@ -302,28 +317,44 @@ class LoRALinear(nn.Linear):
         branch = tokens * rank * (len(self.segments) * self.in_features + adapted)
         if branch <= rank * self.in_features * adapted + self.in_features * self.out_features:
             return False
-        a_list, b_list = self.lora_A[name], self.lora_B[name]
+        a_list, b_list = self._adapter_params(name)
         return a_list[0].dtype == torch.float32 and b_list[0].dtype == torch.float32
 
     def _merged_weight(self, name: str) -> torch.Tensor:
-        """W with each segment's rows plus scale · B_s A_s (one addmm per segment, nothing written to W)."""
+        """W with each segment's rows plus scale · B_s A_s (one addmm per segment, nothing written to W).
+
+        With `cache_merged` the result is kept and returned again while W, every A_s and B_s and the scale are the
+        same tensors with the same contents: a rollout phase runs the same θ_old through every sampler step, and
+        for a small model rebuilding the weight each call costs as much as the GEMMs. "Same contents" is read
+        from autograd's version counters, which every in-place update (optimizer step, soft update, EMA, loading
+        a checkpoint) bumps; writes through `.data` would not, and nftcore makes none."""
         scale = self.scale(name)
-        a_list, b_list = self.lora_A[name], self.lora_B[name]
+        a_list, b_list = self._adapter_params(name)
+        key = None
+        if self.cache_merged:
+            key = (name, scale) + tuple((t.data_ptr(), t._version) for t in (self.weight, *a_list, *b_list))
+            if self._merged_cache is not None and self._merged_cache[0] == key:
+                return self._merged_cache[1]
         rows = [self.weight[a:b] if s is None else torch.addmm(self.weight[a:b], b_list[s], a_list[s], alpha=scale)
                 for a, b, s in self._runs]
-        return rows[0] if len(rows) == 1 else torch.cat(rows)
+        merged = rows[0] if len(rows) == 1 else torch.cat(rows)
+        if key is not None:
+            self._merged_cache = (key, merged)
+        return merged
 
-    def _updated_merged(self, x, name: str, linear):
-        """`linear(merged weight, x)` on the adapted leading rows, `linear(W, x)` on the rest (adapter_per_row).
-        `x` is one tensor or a list of input column blocks (forward_split_input)."""
-        first = x[0] if isinstance(x, (list, tuple)) else x
-        k = self._leading_rows(first)
+    def _updated_merged(self, x, name: str, parts_linear):
+        """`parts_linear(parts, merged weight, out)` on the adapted leading rows, with W on the rest
+        (adapter_per_row), both written into one output. `x` is one tensor or a list of input column blocks
+        (forward_split_input)."""
+        parts = list(x) if isinstance(x, (list, tuple)) else [x]
+        k = self._leading_rows(parts[0])
         merged = self._merged_weight(name)
-        if k == first.shape[0]:
-            return linear(merged, x)
-        head = [p[:k] for p in x] if isinstance(x, (list, tuple)) else x[:k]
-        tail = [p[k:] for p in x] if isinstance(x, (list, tuple)) else x[k:]
-        return torch.cat([linear(merged, head), linear(self.weight, tail)])
+        if k == parts[0].shape[0]:
+            return parts_linear(parts, merged, None)
+        out = parts[0].new_empty(*parts[0].shape[:-1], self.out_features)
+        parts_linear([p[:k] for p in parts], merged, out[:k])  # leading-dim slices of `out` are contiguous
+        parts_linear([p[k:] for p in parts], self.weight, out[k:])
+        return out
 
     # ------------------------------------------------------------------------------------------------ merging
 
@@ -357,14 +388,22 @@ class LoRALinear(nn.Linear):
 
 
 def _split_input_linear(parts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                        bias: torch.Tensor | None) -> torch.Tensor:
-    """Σ_i parts[i] · weights[i]ᵀ (+ bias), chaining addmm so no [.., Σ in_i] concatenation is built."""
+                        bias: torch.Tensor | None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i parts[i] · weights[i]ᵀ (+ bias), chaining addmm so no [.., Σ in_i] concatenation is built. `out`
+    (contiguous, no grad) receives the result instead of a new tensor: the two row ranges of `_updated_merged`."""
     lead = parts[0].shape[:-1]
     flat = [p.reshape(-1, p.shape[-1]) for p in parts]
-    out = F.linear(flat[0], weights[0], bias)
+    if out is None:
+        y = F.linear(flat[0], weights[0], bias)
+    else:
+        y = out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(flat[0], weights[0].t(), out=y)
+        else:
+            torch.addmm(bias, flat[0], weights[0].t(), out=y)
     for part, w in zip(flat[1:], weights[1:]):
-        out = torch.addmm(out, part, w.t())
-    return out.view(*lead, out.shape[-1])
+        y = torch.addmm(y, part, w.t()) if out is None else y.addmm_(part, w.t())
+    return y.view(*lead, y.shape[-1]) if out is None else out
 
 
 def split_input_linear(linear: nn.Linear, parts: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -623,6 +662,18 @@ def adapter_per_row(model: nn.Module, name: str, rows: int) -> Iterator[None]:
     finally:
         for layer, (active, disabled, adapted_rows) in zip(layers, before):
             layer.active_adapter, layer.disabled, layer.adapted_rows = active, disabled, adapted_rows
+
+
+def enable_merged_weight_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Let every LoRA layer keep its last no-grad merged weight W + scale·BA (`LoRALinear._merged_weight`) and
+    reuse it while the weights are unchanged; `enabled=False` turns that off and frees the kept weights. Returns the
+    bytes the kept weights may take at most (one copy of each adapted layer's weight).
+
+    Only for unsharded models: under FSDP2 a layer's weight is a gathered buffer that is refilled in place."""
+    layers = _layers_or_raise(model).values()
+    for layer in layers:
+        layer.cache_merged, layer._merged_cache = enabled, None
+    return sum(layer.weight.numel() * layer.weight.element_size() for layer in layers) if enabled else 0
 
 
 def adapter_state(model: nn.Module, name: str) -> dict[str, nn.Parameter]:

@@ -218,10 +218,12 @@ class MMDiT(nn.Module):
         if len(self.single_blocks):
             x = torch.cat([txt, img], dim=1)  # joined once for all single blocks (diffusers re-joins per block)
             del txt, img  # without grad nothing else holds them: not kept alive through every single block
-            for block in self.single_blocks:
-                x = self._run(block, x, vec, rope, mask)
-            img = x[:, n_txt:]
-        if num_output_tokens is not None:
+            # The last block computes only the returned tokens (the others only feed its keys and values).
+            keep = None if num_output_tokens is None else (n_txt, n_txt + min(num_output_tokens, n_img))
+            for i, block in enumerate(self.single_blocks):
+                x = self._run(block, x, vec, rope, mask, keep if i == len(self.single_blocks) - 1 else None)
+            img = x if keep is not None else x[:, n_txt:]
+        elif num_output_tokens is not None:
             img = img[:, :num_output_tokens]
         scale, shift = self.final_mod(vec.to(img.dtype)).chunk(2, dim=-1)
         out = modulated(self.final_proj, img, shift, scale, cfg.eps)  # [B, Ni, out]
