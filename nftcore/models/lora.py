@@ -241,7 +241,11 @@ class LoRALinear(nn.Linear):
             return y
         if len(self._runs) == 1:
             return y + deltas[0]
-        return torch.cat([y[..., a:b] if s is None else y[..., a:b] + deltas[a] for a, b, s in self._runs], dim=-1)
+        # One add of the joined updates (zeros on rows without LoRA), not a slice of y per segment: each slice's
+        # backward would allocate a zero gradient of y's full size.
+        update = torch.cat([deltas[a] if s is not None else y.new_zeros(*y.shape[:-1], b - a)
+                            for a, b, s in self._runs], dim=-1)
+        return y + update
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self._adapter_in_use()
@@ -253,7 +257,7 @@ class LoRALinear(nn.Linear):
             return y
         a = self._cat_a(name)
         k = self._leading_rows(x)
-        return self._updated(y, k, lambda: F.linear(x[:k].to(a.dtype), a) * self.scale(name), name)
+        return self._updated(y, k, lambda: F.linear(_leading(x, k).to(a.dtype), a) * self.scale(name), name)
 
     def _leading_rows(self, x: torch.Tensor) -> int:
         """How many input rows (dim 0) get the update: all, or the first `adapted_rows`."""
@@ -291,8 +295,8 @@ class LoRALinear(nn.Linear):
         k = self._leading_rows(parts[0])
 
         def h():
-            return _split_input_linear([p[:k].to(a.dtype) for p in parts], a.split(widths, dim=1), None) * self.scale(
-                name)
+            rows = [_leading(p, k).to(a.dtype) for p in parts]
+            return _split_input_linear(rows, a.split(widths, dim=1), None) * self.scale(name)
 
         return self._updated(y, k, h, name)
 
@@ -385,6 +389,12 @@ class LoRALinear(nn.Linear):
         names = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.lora_A)
         segs = ", ".join(f"{s.name}[{s.start}:{s.stop}]" for s in self.segments)
         return f"{super().extra_repr()}, adapters=[{names}], active={self.active_adapter!r}, segments=[{segs}]"
+
+
+def _leading(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x[:k], or x itself when that is all of it: a slice, even a whole one, costs a zero-filled gradient of x's size
+    in backward."""
+    return x if k == x.shape[0] else x[:k]
 
 
 def _split_input_linear(parts: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],

@@ -42,8 +42,23 @@ class Backend(str, enum.Enum):
     REFERENCE = "reference"
 
 
+# Every eager op call reads up to three flags (they may change at run time, e.g. in tests), and `os.environ.get`
+# encodes the name and decodes the value each time: ~0.7 µs a flag, a fifth of a small fused op's Python cost. On
+# POSIX the values live in `os.environ._data` (bytes to bytes, what os.environ reads and writes through), read here
+# directly; elsewhere through os.environ.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_FALSE_BYTES = frozenset(v.encode() for v in _FALSE_VALUES)
+
+
+@functools.cache
+def _encoded(name: str) -> bytes:
+    return os.fsencode(name)
+
+
 def env_flag(name: str) -> bool:
     """True when the environment variable is set to anything but an explicit false ("", 0, false, no, off)."""
+    if _ENVIRON_BYTES is not None:
+        return _ENVIRON_BYTES.get(_encoded(name), b"").strip().lower() not in _FALSE_BYTES
     return os.environ.get(name, "").strip().lower() not in _FALSE_VALUES
 
 
