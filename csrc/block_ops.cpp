@@ -67,17 +67,26 @@ at::Tensor stat32(const char* op, const char* name, const at::Tensor& s, const a
   return s.to(at::kFloat).contiguous();
 }
 
+// A [B, N, C] tensor's rows as a raw pointer and batch/token strides: the cloned row-range loops below read nothing
+// through at::Tensor (an accessor call per row of C = 64-3072 elements is a visible cost at the small widths).
+template <typename S>
+struct Rows3 {
+  S* base = nullptr;
+  int64_t sb = 0, sn = 0;
+  S* at(int64_t b, int64_t n) const { return base + b * sb + n * sn; }
+};
+
 template <typename T>
-const typename Elem<T>::storage* row_of(const at::Tensor& t, int64_t b, int64_t n) {
-  return cdata<T>(t) + b * t.stride(0) + n * t.stride(1);
+Rows3<const typename Elem<T>::storage> rows3(const at::Tensor* t) {
+  if (t == nullptr) return {};
+  return {cdata<T>(*t), t->stride(0), t->stride(1)};
 }
 
 // ------------------------------------------------------------------------------------------------ row kernels
 
 // out = round(x + gate·y).
 template <typename T>
-NFTCORE_CLONES
-void residual_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ gate,
+inline void residual_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ gate,
                   const typename Elem<T>::storage* __restrict__ y, typename Elem<T>::storage* __restrict__ out,
                   int64_t C) {
   using E = Elem<T>;
@@ -86,8 +95,7 @@ void residual_row(const typename Elem<T>::storage* __restrict__ x, const float* 
 
 // out = (src − mean)·rstd·w + shift with the row's own mean and rstd (returned through `stats`).
 template <typename T>
-NFTCORE_CLONES
-void adaln_row(const typename Elem<T>::storage* __restrict__ src, const float* __restrict__ w,
+inline void adaln_row(const typename Elem<T>::storage* __restrict__ src, const float* __restrict__ w,
                const float* __restrict__ shift, typename Elem<T>::storage* __restrict__ out, int64_t C, float eps,
                float* stats) {
   using E = Elem<T>;
@@ -101,8 +109,7 @@ void adaln_row(const typename Elem<T>::storage* __restrict__ src, const float* _
 
 // x̂ = (x − mean)·rstd into fp32, x being h = round(x + gate·y) when kGated (exactly the forward's h).
 template <typename T, bool kGated>
-NFTCORE_CLONES
-void xhat_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ gate,
+inline void xhat_row(const typename Elem<T>::storage* __restrict__ x, const float* __restrict__ gate,
               const typename Elem<T>::storage* __restrict__ y, float m, float r, float* __restrict__ xh, int64_t C) {
   using E = Elem<T>;
   for (int64_t i = 0; i < C; ++i) {
@@ -113,8 +120,7 @@ void xhat_row(const typename Elem<T>::storage* __restrict__ x, const float* __re
 
 // gw = g·w (kept), returns (Σ gw, Σ gw·x̂); with kMod also ds += g·x̂, db += g (the piece's column sums).
 template <typename T, bool kMod>
-NFTCORE_CLONES
-std::pair<float, float> grad_row(const typename Elem<T>::storage* __restrict__ g_in, const float* __restrict__ xh,
+inline std::pair<float, float> grad_row(const typename Elem<T>::storage* __restrict__ g_in, const float* __restrict__ xh,
                                  const float* __restrict__ w, float* __restrict__ gw, float* __restrict__ ds,
                                  float* __restrict__ db, int64_t C) {
   using E = Elem<T>;
@@ -139,42 +145,36 @@ std::pair<float, float> grad_row(const typename Elem<T>::storage* __restrict__ g
 }
 
 // dh = (gw − c1 − x̂·c2)·rstd.
-NFTCORE_CLONES
-void dh_row(const float* __restrict__ gw, const float* __restrict__ xh, float c1, float c2, float r,
+inline void dh_row(const float* __restrict__ gw, const float* __restrict__ xh, float c1, float c2, float r,
             float* __restrict__ dh, int64_t C) {
   for (int64_t i = 0; i < C; ++i) dh[i] = (gw[i] - c1 - xh[i] * c2) * r;
 }
 
 template <typename T>
-NFTCORE_CLONES
-void add_row(const typename Elem<T>::storage* __restrict__ g, float* __restrict__ dh, int64_t C) {
+inline void add_row(const typename Elem<T>::storage* __restrict__ g, float* __restrict__ dh, int64_t C) {
   for (int64_t i = 0; i < C; ++i) dh[i] += Elem<T>::load(g[i]);
 }
 
 template <typename T>
-NFTCORE_CLONES
-void load_row(const typename Elem<T>::storage* __restrict__ g, float* __restrict__ dh, int64_t C) {
+inline void load_row(const typename Elem<T>::storage* __restrict__ g, float* __restrict__ dh, int64_t C) {
   for (int64_t i = 0; i < C; ++i) dh[i] = Elem<T>::load(g[i]);
 }
 
 template <typename T>
-NFTCORE_CLONES
-void store_row(const float* __restrict__ v, typename Elem<T>::storage* __restrict__ out, int64_t C) {
+inline void store_row(const float* __restrict__ v, typename Elem<T>::storage* __restrict__ out, int64_t C) {
   for (int64_t i = 0; i < C; ++i) out[i] = Elem<T>::store(v[i]);
 }
 
 // out = round(v·gate).
 template <typename T>
-NFTCORE_CLONES
-void scaled_row(const float* __restrict__ v, const float* __restrict__ gate,
+inline void scaled_row(const float* __restrict__ v, const float* __restrict__ gate,
                 typename Elem<T>::storage* __restrict__ out, int64_t C) {
   for (int64_t i = 0; i < C; ++i) out[i] = Elem<T>::store(v[i] * gate[i]);
 }
 
 // acc += v·y.
 template <typename T>
-NFTCORE_CLONES
-void accumulate_row(const float* __restrict__ v, const typename Elem<T>::storage* __restrict__ y,
+inline void accumulate_row(const float* __restrict__ v, const typename Elem<T>::storage* __restrict__ y,
                     float* __restrict__ acc, int64_t C) {
   for (int64_t i = 0; i < C; ++i) acc[i] += v[i] * Elem<T>::load(y[i]);
 }
@@ -188,24 +188,33 @@ struct Gated {
 };
 
 template <typename T>
+NFTCORE_CLONES void adaln_forward_rows(Rows3<const typename Elem<T>::storage> x, const float* gate,
+                                       Rows3<const typename Elem<T>::storage> y, const float* w, const float* shift,
+                                       float eps, typename Elem<T>::storage* hp, typename Elem<T>::storage* o,
+                                       float* mean, float* rstd, int64_t N, int64_t C, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t b = r / N, n = r - b * N;
+    const auto* src = x.at(b, n);
+    if (hp) {
+      residual_row<T>(src, gate + b * C, y.at(b, n), hp + r * C, C);
+      src = hp + r * C;  // normalise h as stored (rounded), as every backend does
+    }
+    float stats[2];
+    adaln_row<T>(src, w + b * C, shift + b * C, o + r * C, C, eps, stats);
+    mean[r] = stats[0];
+    rstd[r] = stats[1];
+  }
+}
+
+template <typename T>
 void adaln_forward_kernel(const at::Tensor& x, const Gated& gated, const float* w, const float* shift, float eps,
                           at::Tensor* h, at::Tensor& out, float* mean, float* rstd) {
   const int64_t N = x.size(1), C = x.size(2);
   auto* o = mdata<T>(out);
   auto* hp = h ? mdata<T>(*h) : nullptr;
+  const auto xr = rows3<T>(&x), yr = rows3<T>(gated.y);
   at::parallel_for(0, x.size(0) * N, row_grain(C), [&](int64_t lo, int64_t hi) {
-    for (int64_t r = lo; r < hi; ++r) {
-      const int64_t b = r / N, n = r % N;
-      const auto* src = row_of<T>(x, b, n);
-      if (hp) {
-        residual_row<T>(src, gated.gate + b * C, row_of<T>(*gated.y, b, n), hp + r * C, C);
-        src = hp + r * C;  // normalise h as stored (rounded), as every backend does
-      }
-      float stats[2];
-      adaln_row<T>(src, w + b * C, shift + b * C, o + r * C, C, eps, stats);
-      mean[r] = stats[0];
-      rstd[r] = stats[1];
-    }
+    adaln_forward_rows<T>(xr, gated.gate, yr, w, shift, eps, hp, o, mean, rstd, N, C, lo, hi);
   });
 }
 
@@ -276,39 +285,61 @@ struct Backward {
   Pieces pieces{1, 1};
 };
 
+// `Backward` as raw pointers for the row loops (a null base: that input is absent).
 template <typename T>
-void adaln_backward_row(const Backward& a, int64_t b, int64_t n, float* xh, float* gw, float* dh, float* ws) {
-  const int64_t N = a.x->size(1), C = a.x->size(2), r = b * N + n;
-  const bool gated = a.gated.gate != nullptr;
-  const float* gate = gated ? a.gated.gate + b * C : nullptr;
-  const auto* y = gated ? row_of<T>(*a.gated.y, b, n) : nullptr;
-  if (a.grad_out) {
-    const auto* x = row_of<T>(*a.x, b, n);
-    if (gated) {
-      xhat_row<T, true>(x, gate, y, a.mean[r], a.rstd[r], xh, C);
+struct BackwardRows {
+  using S = typename Elem<T>::storage;
+  Rows3<const S> grad_out, grad_h, x, y;
+  const float *gate, *w, *mean, *rstd;
+  S *dx, *dy;
+  bool want_mod, want_dgate;
+  int64_t N, C;
+
+  explicit BackwardRows(const Backward& a)
+      : grad_out(rows3<T>(a.grad_out)), grad_h(rows3<T>(a.grad_h)), x(rows3<T>(a.x)), y(rows3<T>(a.gated.y)),
+        gate(a.gated.gate), w(a.w), mean(a.mean), rstd(a.rstd), dx(a.want_dx ? mdata<T>(a.dx) : nullptr),
+        dy(a.want_dy ? mdata<T>(a.dy) : nullptr), want_mod(a.want_mod), want_dgate(a.want_dgate),
+        N(a.x->size(1)), C(a.x->size(2)) {}
+};
+
+// Rows n0..n1 of sample b (one piece): dx, dy, and the piece's column sums into ws.
+template <typename T>
+NFTCORE_CLONES void adaln_backward_rows(const BackwardRows<T>& a, int64_t b, int64_t n0, int64_t n1, float* xh,
+                                        float* gw, float* dh, float* ws) {
+  const int64_t C = a.C;
+  const float c = static_cast<float>(C);
+  const float* gate = a.gate ? a.gate + b * C : nullptr;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t r = b * a.N + n;
+    const auto* y = a.gate ? a.y.at(b, n) : nullptr;
+    if (a.grad_out.base) {
+      const auto* x = a.x.at(b, n);
+      if (gate) {
+        xhat_row<T, true>(x, gate, y, a.mean[r], a.rstd[r], xh, C);
+      } else {
+        xhat_row<T, false>(x, nullptr, nullptr, a.mean[r], a.rstd[r], xh, C);
+      }
+      const auto* g = a.grad_out.at(b, n);
+      const auto sums = a.want_mod ? grad_row<T, true>(g, xh, a.w + b * C, gw, ws + kDScale * C, ws + kDShift * C, C)
+                                   : grad_row<T, false>(g, xh, a.w + b * C, gw, nullptr, nullptr, C);
+      dh_row(gw, xh, sums.first / c, sums.second / c, a.rstd[r], dh, C);
+      if (a.grad_h.base) add_row<T>(a.grad_h.at(b, n), dh, C);
+    } else if (a.grad_h.base) {
+      load_row<T>(a.grad_h.at(b, n), dh, C);
     } else {
-      xhat_row<T, false>(x, nullptr, nullptr, a.mean[r], a.rstd[r], xh, C);
+      std::fill(dh, dh + C, 0.0f);
     }
-    const auto* g = row_of<T>(*a.grad_out, b, n);
-    const auto sums = a.want_mod ? grad_row<T, true>(g, xh, a.w + b * C, gw, ws + kDScale * C, ws + kDShift * C, C)
-                                 : grad_row<T, false>(g, xh, a.w + b * C, gw, nullptr, nullptr, C);
-    const float c = static_cast<float>(C);
-    dh_row(gw, xh, sums.first / c, sums.second / c, a.rstd[r], dh, C);
-    if (a.grad_h) add_row<T>(row_of<T>(*a.grad_h, b, n), dh, C);
-  } else if (a.grad_h) {
-    load_row<T>(row_of<T>(*a.grad_h, b, n), dh, C);
-  } else {
-    std::fill(dh, dh + C, 0.0f);
+    if (a.dx) store_row<T>(dh, a.dx + r * C, C);
+    if (a.dy) scaled_row<T>(dh, gate, a.dy + r * C, C);
+    if (a.want_dgate) accumulate_row<T>(dh, y, ws + kDGate * C, C);
   }
-  if (a.want_dx) store_row<T>(dh, mdata<T>(a.dx) + r * C, C);
-  if (a.want_dy) scaled_row<T>(dh, gate, mdata<T>(a.dy) + r * C, C);
-  if (a.want_dgate) accumulate_row<T>(dh, y, ws + kDGate * C, C);
 }
 
 template <typename T>
 void adaln_backward_kernel(const Backward& a) {
   const int64_t B = a.x->size(0), N = a.x->size(1), C = a.x->size(2);
   const int64_t P = a.pieces.count;
+  const BackwardRows<T> rows(a);
   at::parallel_for(0, B * P, std::max<int64_t>(1, row_grain(C) / a.pieces.size), [&](int64_t lo, int64_t hi) {
     std::vector<float> scratch(3 * C);
     float *xh = scratch.data(), *gw = xh + C, *dh = gw + C;
@@ -316,8 +347,8 @@ void adaln_backward_kernel(const Backward& a) {
       const int64_t b = task / P, p = task % P;
       float* ws = a.ws ? a.ws + task * kSlots * C : nullptr;
       if (ws) std::fill(ws, ws + kSlots * C, 0.0f);
-      const int64_t end = std::min(N, (p + 1) * a.pieces.size);
-      for (int64_t n = p * a.pieces.size; n < end; ++n) adaln_backward_row<T>(a, b, n, xh, gw, dh, ws);
+      const int64_t begin = p * a.pieces.size, end = std::min(N, begin + a.pieces.size);
+      adaln_backward_rows<T>(rows, b, begin, end, xh, gw, dh, ws);
     }
   });
 }
@@ -398,6 +429,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_ada
 
 // ------------------------------------------------------------------------------------------------ gated residual
 
+template <typename T>
+NFTCORE_CLONES void residual_rows(Rows3<const typename Elem<T>::storage> x, const float* gate,
+                                  Rows3<const typename Elem<T>::storage> y, typename Elem<T>::storage* o, int64_t N,
+                                  int64_t C, int64_t lo, int64_t hi) {
+  for (int64_t r = lo; r < hi; ++r) {
+    const int64_t b = r / N, n = r - b * N;
+    residual_row<T>(x.at(b, n), gate + b * C, y.at(b, n), o + r * C, C);
+  }
+}
+
 at::Tensor gated_residual_forward(const at::Tensor& x_in, const at::Tensor& gate, const at::Tensor& y) {
   const char* op = "nftcore_native::gated_residual_forward";
   check_x(op, x_in);
@@ -408,11 +449,9 @@ at::Tensor gated_residual_forward(const at::Tensor& x_in, const at::Tensor& gate
   dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     auto* o = mdata<T>(out);
+    const auto xr = rows3<T>(&x), yr = rows3<T>(&y_u);
     at::parallel_for(0, x.size(0) * N, row_grain(C), [&](int64_t lo, int64_t hi) {
-      for (int64_t r = lo; r < hi; ++r) {
-        const int64_t b = r / N, n = r % N;
-        residual_row<T>(row_of<T>(x, b, n), g + b * C, row_of<T>(y_u, b, n), o + r * C, C);
-      }
+      residual_rows<T>(xr, g, yr, o, N, C, lo, hi);
     });
   });
   return out;
@@ -420,21 +459,31 @@ at::Tensor gated_residual_forward(const at::Tensor& x_in, const at::Tensor& gate
 
 // dy = gate·grad and the pieces of Σ grad·y, one row at a time.
 template <typename T>
+NFTCORE_CLONES void residual_backward_rows(Rows3<const typename Elem<T>::storage> grad, const float* gate,
+                                           Rows3<const typename Elem<T>::storage> y, typename Elem<T>::storage* dy,
+                                           float* acc, float* g, int64_t b, int64_t n0, int64_t n1, int64_t N,
+                                           int64_t C) {
+  for (int64_t n = n0; n < n1; ++n) {
+    load_row<T>(grad.at(b, n), g, C);
+    if (dy) scaled_row<T>(g, gate + b * C, dy + (b * N + n) * C, C);
+    if (acc) accumulate_row<T>(g, y.at(b, n), acc, C);
+  }
+}
+
+template <typename T>
 void gated_residual_backward_kernel(const at::Tensor& grad, const float* gate, const at::Tensor* y, at::Tensor* dy,
                                     float* ws, const Pieces& pieces) {
   const int64_t B = grad.size(0), N = grad.size(1), C = grad.size(2), P = pieces.count;
+  const auto gr = rows3<T>(&grad), yr = rows3<T>(y);
+  auto* dyp = dy ? mdata<T>(*dy) : nullptr;
   at::parallel_for(0, B * P, std::max<int64_t>(1, row_grain(C) / pieces.size), [&](int64_t lo, int64_t hi) {
     std::vector<float> g(C);
     for (int64_t task = lo; task < hi; ++task) {
       const int64_t b = task / P, p = task % P;
       float* acc = ws ? ws + task * C : nullptr;
       if (acc) std::fill(acc, acc + C, 0.0f);
-      const int64_t end = std::min(N, (p + 1) * pieces.size);
-      for (int64_t n = p * pieces.size; n < end; ++n) {
-        load_row<T>(row_of<T>(grad, b, n), g.data(), C);
-        if (dy) scaled_row<T>(g.data(), gate + b * C, mdata<T>(*dy) + (b * N + n) * C, C);
-        if (acc) accumulate_row<T>(g.data(), row_of<T>(*y, b, n), acc, C);
-      }
+      const int64_t begin = p * pieces.size, end = std::min(N, begin + pieces.size);
+      residual_backward_rows<T>(gr, gate, yr, dyp, acc, g.data(), b, begin, end, N, C);
     }
   });
 }
