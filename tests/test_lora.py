@@ -421,10 +421,12 @@ def test_copy_adapter(toys):
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_adapter_on_the_leading_rows_gives_adapted_then_base_rows(toys, grad):
+def test_adapter_on_the_leading_rows_gives_adapted_then_base_rows(toys, grad, monkeypatch):
     """[rows; rows] through `adapter_per_row(model, "old", rows)`: the first half is the "old" adapter's output, the
     second exactly the base model's (no update added, not a zero-scaled one), fused segments and split inputs alike;
     with grad on, the adapter's gradient comes from the first half only."""
+    if grad:  # per-row adapters run the branch with grad; compare with the branch (the merged path rounds otherwise)
+        monkeypatch.setattr(LoRALinear, "_merge_pays", lambda self, x, name: False)
     _, f, x = toys
     apply_lora(f, rank=R, alpha=ALPHA, include_mlp=True)
     _randomize(f, "old", seed=5)
@@ -668,29 +670,73 @@ def _max_rel(out, ref) -> float:
     return max(((a.double() - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, refs))
 
 
-def test_no_grad_forward_on_the_merged_weight_is_as_accurate_as_the_lora_branch(toys):
-    """Without grad an fp32 layer runs on W + scale·BA built per call (cheaper than the branch's thin GEMMs over many
-    tokens). Its error against fp64 stays within 2x the branch's own plus a few ulps (the branch adds two roundings
-    per layer, the merged weight one), fused segments and split inputs alike; with grad the branch runs."""
+def test_forward_on_the_merged_weight_is_as_accurate_as_the_lora_branch(toys, monkeypatch):
+    """A small fp32 layer runs on W + scale·BA built per call: without grad where that is cheaper than the branch's
+    thin GEMMs over the tokens, with grad (`_MergedLoRA`) where the full weight gradient costs no more than them (the
+    toy's widths). Outputs and the gradients of the input and of A and B stay within 2x the branch's own error against
+    fp64 plus a few ulps (the branch adds two roundings per layer, the merged weight one), fused segments and split
+    inputs alike, and nothing is written into the base weight."""
     _, f, x = toys
     apply_lora(f, rank=R, alpha=ALPHA, include_mlp=True)
     _randomize(f, "old", seed=5)
+    set_trainable_adapter(f, "old")
     exact = copy.deepcopy(f).double()
-    with torch.no_grad(), using_adapter(exact, "old"):
-        ref = exact(*[t.double() for t in x])
+    x64 = [t.double().requires_grad_(True) for t in x]
+    with using_adapter(exact, "old"):
+        ref = exact(*x64)
+    seed = torch.Generator().manual_seed(3)
+    grads_out = [torch.randn(t.shape, generator=seed, dtype=torch.float64) for t in (ref if isinstance(ref, tuple)
+                                                                                       else (ref,))]
+    torch.autograd.backward(ref if isinstance(ref, tuple) else (ref,), grads_out)
+    ref_grads = [t.grad for t in x64] + [p.grad for p in adapter_state(exact, "old").values()]
     layer = next(iter(lora_layers(f).values()))
-    with using_adapter(f, "old"):
-        with torch.no_grad():
-            assert layer._merge_pays(x[0], "old")
-            merged = f(*x)
-        assert not layer._merge_pays(x[0], "old")  # grad on: the branch, no [out, in] weight gradient
-        branch = f(*x)
+
+    def run(merge: bool):
+        if not merge:
+            monkeypatch.setattr(LoRALinear, "_merge_pays", lambda self, x, name: False)
+        else:
+            monkeypatch.undo()
+        f.zero_grad(set_to_none=True)
+        inputs = [t.clone().requires_grad_(True) for t in x]
+        with using_adapter(f, "old"):
+            if merge:
+                with torch.no_grad():
+                    assert layer._merge_pays(inputs[0], "old")
+                assert layer._merge_pays(inputs[0], "old")  # with grad too, at these widths
+            out = f(*inputs)
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward(outs, [g.float() for g in grads_out])
+        return outs, [t.grad for t in inputs] + [p.grad for p in adapter_state(f, "old").values()]
+
+    branch, branch_grads = run(False)
+    merged, merged_grads = run(True)
     eps = torch.finfo(torch.float32).eps
-    assert _max_rel(merged, ref) <= 2 * _max_rel(branch, ref) + 4 * eps
+    ref_outs = ref if isinstance(ref, tuple) else (ref,)
+    assert _max_rel(tuple(merged), tuple(r.detach() for r in ref_outs)) <= 2 * _max_rel(
+        tuple(branch), tuple(r.detach() for r in ref_outs)) + 4 * eps
+    for m, b, r in zip(merged_grads, branch_grads, ref_grads):
+        assert _max_rel(m, r) <= 2 * _max_rel(b, r) + 8 * eps
     with torch.no_grad():  # nothing was written into the base weight
         exact.float()
         for (name, a), b in zip(f.named_parameters(), exact.parameters()):
             assert torch.equal(a, b), name
+
+
+def test_merged_forward_with_grad_only_where_the_weight_gradient_is_cheap():
+    """With grad the merged path needs dYᵀX [out, in]: taken at the demo's widths (in 64, rank 16), not where it
+    would cost more FLOPs than the branch (in 256, out 768, rank 4), nor for a trainable base weight."""
+    small = LoRALinear.from_linear(nn.Linear(64, 192), [("q", slice(0, 64)), ("k", slice(64, 128)),
+                                                         ("v", slice(128, 192))], where="x")
+    wide = LoRALinear.from_linear(nn.Linear(256, 768), where="y")
+    for layer, rank in ((small, 16), (wide, 4)):
+        layer.add_adapter("default", rank=rank, alpha=16.0)
+        layer.active_adapter = "default"
+        layer.weight.requires_grad_(False)
+        layer.bias.requires_grad_(False)
+    assert small._merge_pays(torch.randn(2, 8, 64), "default")
+    assert not wide._merge_pays(torch.randn(2, 8, 256), "default")
+    small.weight.requires_grad_(True)
+    assert not small._merge_pays(torch.randn(2, 8, 64), "default")
 
 
 def test_merged_forward_only_for_fp32_and_enough_tokens():

@@ -250,6 +250,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         name = self._adapter_in_use()
         if name is not None and self._merge_pays(x, name):
+            if torch.is_grad_enabled():
+                return _MergedLoRA.apply(self, name, 1, x, *self._adapter_params(name)[0],
+                                         *self._adapter_params(name)[1])
             return self._updated_merged(x, name, lambda parts, w, out: _split_input_linear(parts, [w], self.bias,
                                                                                           out=out))
         y = F.linear(x, self.weight, self.bias)
@@ -286,6 +289,9 @@ class LoRALinear(nn.Linear):
             raise ValueError(f"input parts of widths {widths} do not add up to in_features {self.in_features}")
         name = self._adapter_in_use()
         if name is not None and self._merge_pays(parts[0], name):
+            if torch.is_grad_enabled():
+                a_list, b_list = self._adapter_params(name)
+                return _MergedLoRA.apply(self, name, len(parts), *parts, *a_list, *b_list)
             return self._updated_merged(
                 parts, name, lambda rows, w, out: _split_input_linear(rows, w.split(widths, dim=1), self.bias, out=out))
         y = _split_input_linear(parts, self.weight.split(widths, dim=1), self.bias)
@@ -303,26 +309,37 @@ class LoRALinear(nn.Linear):
     # ------------------------------------------------------------------------------- merged no-grad forward
 
     def _merge_pays(self, x: torch.Tensor, name: str) -> bool:
-        """Whether a no-grad forward should run on W + scale·BA built on the fly instead of adding the LoRA branch.
+        """Whether this forward should run on W + scale·BA built on the fly instead of adding the LoRA branch.
 
-        Only without grad (rollouts, the θ_old pass, evaluation): with grad the merged weight would need a full
-        [out, in] weight gradient. Only for fp32 weights outside autocast: the merged weight is rounded once in
-        fp32, as accurate as the unmerged sum, where a bf16 copy would round the small update against the weight.
-        Then it pays when the branch's GEMMs over the tokens cost more than building the weight once per call:
-        tokens·r·(S·in + out_lora) > r·in·out_lora + in·out (the branch's two thin GEMMs are also slow per FLOP)."""
-        if torch.is_grad_enabled() or x.dtype != torch.float32 or self.weight.dtype != torch.float32:
+        Only for fp32 weights outside autocast: the merged weight is rounded once in fp32, as accurate as the
+        unmerged sum, where a bf16 copy would round the small update against the weight.
+
+        Without grad (rollouts, the θ_old pass, evaluation) it pays when the branch's GEMMs over the tokens cost more
+        than building the weight once per call: tokens·r·(S·in + out_lora) > r·in·out_lora + in·out (the branch's
+        two thin GEMMs are also slow per FLOP).
+
+        With grad (`_MergedLoRA`) the gradients of A and B come from the full [out, in] product dYᵀX, 2·in·out
+        FLOPs per token against the branch's 6·r·(S·in + out_lora) in thin GEMMs that run several times slower per
+        FLOP (rank 16 on width 64: ~1.7x slower per layer, forward + backward). So it is taken when in·out ≤
+        6·r·(S·in + out_lora), i.e. for small widths (the demo's), never at FLUX's (in 3072, rank 32: 16x the FLOPs);
+        and only for a frozen W and bias on every input row (no `adapter_per_row`)."""
+        if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
+        a_list, b_list = self._adapter_params(name)
+        if a_list[0].dtype != torch.float32 or b_list[0].dtype != torch.float32:
+            return False
         rank, adapted = self.rank[name], self._adapted_width
+        if torch.is_grad_enabled():
+            frozen = not self.weight.requires_grad and (self.bias is None or not self.bias.requires_grad)
+            thin = 6 * rank * (len(self.segments) * self.in_features + adapted)
+            return frozen and self.adapted_rows is None and self.in_features * self.out_features <= thin
         tokens = x.numel() // max(x.shape[-1], 1)
         if self.adapted_rows is not None:
             tokens = tokens // max(x.shape[0], 1) * self.adapted_rows
         branch = tokens * rank * (len(self.segments) * self.in_features + adapted)
-        if branch <= rank * self.in_features * adapted + self.in_features * self.out_features:
-            return False
-        a_list, b_list = self._adapter_params(name)
-        return a_list[0].dtype == torch.float32 and b_list[0].dtype == torch.float32
+        return branch > rank * self.in_features * adapted + self.in_features * self.out_features
 
     def _merged_weight(self, name: str) -> torch.Tensor:
         """W with each segment's rows plus scale · B_s A_s (one addmm per segment, nothing written to W).
@@ -389,6 +406,44 @@ class LoRALinear(nn.Linear):
         names = ", ".join(f"{n}(r={self.rank[n]}, alpha={self.alpha[n]:g})" for n in self.lora_A)
         segs = ", ".join(f"{s.name}[{s.start}:{s.stop}]" for s in self.segments)
         return f"{super().extra_repr()}, adapters=[{names}], active={self.active_adapter!r}, segments=[{segs}]"
+
+
+class _MergedLoRA(torch.autograd.Function):
+    """y = Σ_i x_i · W_effᵀ[cols_i] + b with W_eff = W + scale · B_s A_s on each segment's rows: the LoRA layer
+    with grad on the merged weight (see `LoRALinear._merge_pays`). x arrives as one tensor or as the input column
+    blocks of `forward_split_input`. W and b are frozen; backward gives dx_i = dY · W_eff[:, cols_i] and, from
+    G = dYᵀX [out, in], dB_s = scale · G_s A_sᵀ and dA_s = scale · B_sᵀ G_s (G_s: the segment's rows of G)."""
+
+    @staticmethod
+    def forward(ctx, layer: LoRALinear, name: str, n_parts: int, *tensors: torch.Tensor) -> torch.Tensor:
+        parts, ab = tensors[:n_parts], tensors[n_parts:]
+        widths = [p.shape[-1] for p in parts]
+        merged = layer._merged_weight(name)
+        y = _split_input_linear(parts, merged.split(widths, dim=1) if n_parts > 1 else [merged], layer.bias)
+        ctx.save_for_backward(merged, *parts, *ab)
+        ctx.n_parts, ctx.widths, ctx.scale, ctx.runs = n_parts, widths, layer.scale(name), layer._runs
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        merged, *saved = ctx.saved_tensors
+        parts, ab = saved[:ctx.n_parts], saved[ctx.n_parts:]
+        a_list, b_list = ab[:len(ab) // 2], ab[len(ab) // 2:]
+        g = grad.reshape(-1, grad.shape[-1])
+        needs = ctx.needs_input_grad[3:]
+        d_parts = [None] * ctx.n_parts
+        for i, (part, w) in enumerate(zip(parts, merged.split(ctx.widths, dim=1))):
+            if needs[i]:
+                d_parts[i] = (g @ w).view(part.shape)
+        d_a, d_b = [None] * len(a_list), [None] * len(b_list)
+        if any(needs[ctx.n_parts:]):
+            full = torch.cat([g.t() @ p.reshape(-1, p.shape[-1]) for p in parts], dim=1)  # dYᵀX [out, in]
+            for start, stop, s in ctx.runs:
+                if s is not None:
+                    rows = full[start:stop]
+                    d_b[s] = (rows @ a_list[s].t()) * ctx.scale
+                    d_a[s] = (b_list[s].t() @ rows) * ctx.scale
+        return None, None, None, *d_parts, *d_a, *d_b
 
 
 def _leading(x: torch.Tensor, k: int) -> torch.Tensor:
