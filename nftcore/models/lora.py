@@ -325,7 +325,7 @@ class LoRALinear(nn.Linear):
         and only for a frozen W and bias on every input row (no `adapter_per_row`)."""
         if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
             return False
-        if torch.is_autocast_enabled(x.device.type):
+        if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():  # traced: the plain branch
             return False
         a_list, b_list = self._adapter_params(name)
         if a_list[0].dtype != torch.float32 or b_list[0].dtype != torch.float32:
