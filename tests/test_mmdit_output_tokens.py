@@ -10,7 +10,7 @@ import torch
 
 from nftcore.ops.dispatch import Backend
 from tests.helpers.native import needs_native
-from tests.test_mmdit_no_grad import tiny
+from tests.helpers.tiny_mmdit import tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nftcore.models import mmdit as mmdit_module
-from tests.test_mmdit_no_grad import tiny
+from tests.helpers.tiny_mmdit import tiny
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: see tests/conftest.py
 
