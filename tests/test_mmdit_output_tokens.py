@@ -53,3 +53,10 @@ def test_output_tokens_are_the_full_forwards_first_tokens(n_out, dtype, backend,
             continue
         scale = a.abs().max().clamp_min(1)  # sums over rows: compare at the gradient's own magnitude
         torch.testing.assert_close(b / scale, a / scale, **_tolerance(dtype), msg=name)
+
+
+@pytest.mark.parametrize("n_out", [0, -1, 16])
+def test_output_tokens_out_of_range_are_refused(n_out):
+    model, x = tiny("flux", torch.float32)  # 15 image tokens
+    with pytest.raises(ValueError, match=r"num_output_tokens must be in \[1, 15\]"):
+        model(**x, num_output_tokens=n_out)

@@ -173,6 +173,8 @@ class MMDiT(nn.Module):
                                  controlnet_single_block_samples, controlnet_blocks_repeat, additional_t_cond)
         batch, n_img = hidden_states.shape[:2]
         n_txt = encoder_hidden_states.shape[1]
+        if num_output_tokens is not None and not 1 <= num_output_tokens <= n_img:
+            raise ValueError(f"num_output_tokens must be in [1, {n_img}] (the image tokens), got {num_output_tokens}")
         device, act_dtype = hidden_states.device, hidden_states.dtype
         timestep = _per_sample(timestep, batch, device, "timestep")
 
@@ -221,7 +223,7 @@ class MMDiT(nn.Module):
             x = torch.cat([txt, img], dim=1)  # joined once for all single blocks (diffusers re-joins per block)
             del txt, img  # without grad nothing else holds them: not kept alive through every single block
             # The last block computes only the returned tokens (the others only feed its keys and values).
-            keep = None if num_output_tokens is None else (n_txt, n_txt + min(num_output_tokens, n_img))
+            keep = None if num_output_tokens is None else (n_txt, n_txt + num_output_tokens)
             for i, block in enumerate(self.single_blocks):
                 x = self._run(block, x, vec, rope, mask, keep if i == len(self.single_blocks) - 1 else None)
             img = x if keep is not None else x[:, n_txt:]
