@@ -793,6 +793,11 @@ def test_merged_weight_cache_reuses_the_weight_only_while_the_adapter_and_base_a
         assert torch.equal(out, fresh("old"))
         kept = layer._merged_cache[1]
     assert torch.equal(forward("default"), fresh("default"))  # another adapter: another weight
+    # A Parameter object swapped in (as FSDP2 registers its gathered tensors) is what the next call reads.
+    swapped = nn.Parameter(layer.lora_B["old"][1].detach() + 1.0)
+    layer.lora_B["old"]._parameters["1"] = swapped
+    out = forward("old")
+    assert torch.equal(out, fresh("old")) and not torch.equal(out, first)
     enable_merged_weight_cache(layer, False)
     assert layer._merged_cache is None
     forward("old")

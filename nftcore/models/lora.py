@@ -139,7 +139,6 @@ class LoRALinear(nn.Linear):
         # `_merged_weight`); off by default: it costs one more copy of W. `enable_merged_weight_cache` turns it on.
         self.cache_merged = False
         self._merged_cache: tuple[tuple, torch.Tensor] | None = None
-        self._params: dict[str, tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]] = {}
         # output rows in order: (start, stop, segment index or None for rows without LoRA)
         self._runs: list[tuple[int, int, int | None]] = []
         row = 0
@@ -187,15 +186,12 @@ class LoRALinear(nn.Linear):
             b_list.append(nn.Parameter(torch.zeros(seg.size, rank, **factory)))
         self.lora_A[name], self.lora_B[name] = a_list, b_list
         self.rank[name], self.alpha[name] = rank, float(alpha)
-        self._params.pop(name, None)
 
     def _adapter_params(self, name: str) -> tuple[tuple[nn.Parameter, ...], tuple[nn.Parameter, ...]]:
-        """(A_s..., B_s...) of adapter `name` as plain tuples: a ParameterList lookup per forward costs more than the
-        small model's GEMMs. The lists only change in `add_adapter`, which drops the entry."""
-        params = self._params.get(name)
-        if params is None:
-            params = self._params[name] = (tuple(self.lora_A[name]), tuple(self.lora_B[name]))
-        return params
+        """(A_s..., B_s...) of adapter `name`, read from the lists' parameter tables each call (FSDP2 swaps the
+        entries between sharded and gathered tensors): indexing a ParameterList element by element costs more per
+        forward than a small model's GEMMs."""
+        return (tuple(self.lora_A[name]._parameters.values()), tuple(self.lora_B[name]._parameters.values()))
 
     def scale(self, name: str) -> float:
         return self.alpha[name] / self.rank[name]
@@ -251,8 +247,8 @@ class LoRALinear(nn.Linear):
         name = self._adapter_in_use()
         if name is not None and self._merge_pays(x, name):
             if torch.is_grad_enabled():
-                return _MergedLoRA.apply(self, name, 1, x, *self._adapter_params(name)[0],
-                                         *self._adapter_params(name)[1])
+                a_list, b_list = self._adapter_params(name)
+                return _MergedLoRA.apply(self, name, 1, x, *a_list, *b_list)
             return self._updated_merged(x, name, lambda parts, w, out: _split_input_linear(parts, [w], self.bias,
                                                                                           out=out))
         y = F.linear(x, self.weight, self.bias)
