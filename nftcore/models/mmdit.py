@@ -189,8 +189,9 @@ class MMDiT(nn.Module):
             g = None if guidance is None else _per_sample(guidance, batch, device, "guidance")
             temb = self.cond(timestep, pooled_projections, g, act_dtype)
             txt = self.txt_in(encoder_hidden_states)
-            ids = (txt_ids.to(device), img_ids.to(device))
-            rope = self._rope(ids, (), lambda: flux_rope(*ids, cfg.axes_dims_rope, cfg.rope_theta))
+            rope = self._rope((txt_ids, img_ids), (str(device),),
+                              lambda: flux_rope(txt_ids.to(device), img_ids.to(device), cfg.axes_dims_rope,
+                                                cfg.rope_theta))
         else:
             if img_shapes is None:
                 raise ValueError("Qwen-Image forward needs img_shapes, e.g. [[(1, h, w), (1, hs, ws)]] * B")
@@ -236,7 +237,10 @@ class MMDiT(nn.Module):
     def _rope(self, ids: tuple[torch.Tensor, ...], key: tuple, build):
         """The (cos, sin) tables of the previous call when its positions were the same: a sampler and the training
         passes call the model many times with one set of positions, and the tables cost ~0.2 ms to build. Equal
-        means equal id values (compared, not trusted by address) and an equal `key`."""
+        means equal id values (compared, not trusted by address) and an equal `key`. Ids on an accelerator are not
+        compared (that would wait for the device on every call): their tables are built each time."""
+        if any(t.device.type != "cpu" for t in ids):
+            return build()
         cached = self.__dict__.get("_rope_cache")
         if (cached is not None and cached[1] == key and len(cached[0]) == len(ids)
                 and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
