@@ -316,7 +316,7 @@ class LoRALinear(nn.Linear):
 
         With grad (`_MergedLoRA`) the gradients of A and B come from the full [out, in] product dYᵀX, 2·in·out
         FLOPs per token against the branch's 6·r·(S·in + out_lora) in thin GEMMs that run several times slower per
-        FLOP (rank 16 on width 64: ~1.7x slower per layer, forward + backward). So it is taken when in·out ≤
+        FLOP (rank 16 on width 64: 1.4-1.8x slower per layer, forward + backward). So it is taken when in·out ≤
         6·r·(S·in + out_lora), i.e. for small widths (the demo's), never at FLUX's (in 3072, rank 32: 16x the FLOPs);
         and only for a frozen W and bias on every input row (no `adapter_per_row`)."""
         if x.dtype != torch.float32 or self.weight.dtype != torch.float32:
