@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from nftcore.nft.old_policy import soft_update_
 
@@ -421,6 +422,7 @@ class _MergedLoRA(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a double backward through it raises instead of silently dropping second-order terms
     def backward(ctx, grad: torch.Tensor):
         merged, *saved = ctx.saved_tensors
         parts, ab = saved[:ctx.n_parts], saved[ctx.n_parts:]

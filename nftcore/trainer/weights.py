@@ -50,10 +50,10 @@ class LoRAWeights:
         """Activation checkpointing and FSDP2 (adapters included: they are applied already); then, on an unsharded
         model whose adapted weights are small, the merged-weight cache of the no-grad forwards."""
         from nftcore.models.lora import enable_merged_weight_cache
-        from nftcore.trainer.distributed import shard_transformer
+        from nftcore.trainer.distributed import fsdp_modules, shard_transformer
 
         shard_transformer(_checkpointing(self.model, cfg), env, cfg)
-        if not _is_sharded(self.model) and enable_merged_weight_cache(self.model) > MERGED_CACHE_MAX_BYTES:
+        if not fsdp_modules([self.model]) and enable_merged_weight_cache(self.model) > MERGED_CACHE_MAX_BYTES:
             enable_merged_weight_cache(self.model, False)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -223,12 +223,6 @@ def _checkpointing(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 # pays for small models, where rebuilding costs as much as the GEMMs; for large ones the rebuild is ~rank/tokens of
 # the forward, so the extra copy of the adapted weights is not worth its memory above this size.
 MERGED_CACHE_MAX_BYTES = 256 * 2**20
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(module, FSDPModule) for module in model.modules())
 
 
 def _reshard(model: nn.Module) -> None:
