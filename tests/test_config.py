@@ -69,7 +69,7 @@ def test_default_config_is_the_demo():
 # The official Edit-R1 configs' values, shared by both Edit-R1 recipes.
 EDIT_R1_DEFAULTS = {
     "sampling.group_size": 12, "sampling.groups_per_epoch": 24, "sampling.batch_size": 3, "sampling.num_steps": 6,
-    "sampling.solver": "dpm2", "sampling.resolution": 512, "sampling.true_cfg_scale": 1.0,
+    "sampling.solver": "dpm2", "sampling.resolution": 512,
     "nft.beta": 1.0, "nft.kl_weight": 1e-4, "nft.adv_clip_max": 5.0, "nft.negative_weight": 1.0,
     "nft.global_std": True, "nft.timestep_fraction": 0.99, "nft.decay_type": 1, "nft.ema_decay": 0.9,
     "lora.rank": 32, "lora.alpha": 64.0, "lora.init": "gaussian", "lora.include_mlp": False,
@@ -271,13 +271,37 @@ def test_validation_lists_every_problem_at_once():
          "parallel.shard_reward_model shards the in-process judge: it needs reward.backend = 'local', got 'server'"),
         (["--reward.backend=local", "--reward.model=J", "--reward.min_pixels=5000", "--reward.max_pixels=3136"],
          "reward.min_pixels = 5000 exceeds reward.max_pixels = 3136"),
-        (["--reward.max_pixels=-1"], "reward.min_pixels and reward.max_pixels must be ≥ 0"),
+        (["--reward.max_pixels=-1"], "reward.max_pixels must be ≥ 0, got -1"),
     ],
 )
 def test_cross_field_constraints(argv, needle):
     with pytest.raises(ConfigError, match="invalid config") as info:
         load_config(argv)
     assert needle in str(info.value)
+
+
+# Each range a field declares (its `must_be`) → a value on its edge, which passes, and one past it, which fails.
+RANGE_EDGES = {"≥ 1": (1, 0), "≥ 0": (0, -1), "> 0": (1e-9, 0), "in (0, 1]": (1, 0), "in [0, 1)": (0, 1)}
+BOUNDED = {f"{section}.{f.name}": f.metadata["must_be"]
+           for section, cls in SECTIONS.items() for f in fields(cls) if f.metadata["must_be"]}
+
+
+def test_ranges_cover_the_plain_bounds():
+    assert set(BOUNDED.values()) <= set(RANGE_EDGES)
+    assert {"run.epochs", "lora.rank", "optim.lr", "optim.betas", "nft.ema_decay", "reward.max_pixels"} <= set(BOUNDED)
+
+
+@pytest.mark.parametrize("key", sorted(BOUNDED))
+def test_every_range_holds_on_its_edge_and_fails_past_it(key):
+    section, name = key.split(".")
+    tp = _types(section)[name]
+    cast = float if float in (tp, *get_args(tp)) else int
+    for value, ok in zip(RANGE_EDGES[BOUNDED[key]], (True, False)):
+        cfg = demo()
+        old = getattr(getattr(cfg, section), name)
+        setattr(getattr(cfg, section), name, tuple(cast(value) for _ in old) if isinstance(old, tuple) else cast(value))
+        found = [p for p in cfg.problems() if p.startswith(f"{key} must be {BOUNDED[key]}, got ")]
+        assert bool(found) is not ok, (key, value, cfg.problems())
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -295,11 +319,14 @@ def test_settings_the_trainer_cannot_honour_are_refused_by_validate(argv, needle
 
 
 def test_options_for_what_does_not_exist_are_gone():
-    """fp16 autocast (no GradScaler) and instruction-keyed groups are not options at all."""
+    """fp16 autocast (no GradScaler), instruction-keyed groups and true CFG in training rollouts are not options."""
     with pytest.raises(ConfigError, match="'fp16' is not one of no, bf16"):
         load_config(["--optim.mixed_precision=fp16"])
     with pytest.raises(ConfigError, match="unknown key 'group_key'"):
         load_config(["--data.group_key=sample_id"])
+    for argv in (["--sampling.true_cfg_scale=4"], ["--config=kontext_edit_r1", "--sampling.true_cfg_scale=1"]):
+        with pytest.raises(ConfigError, match="unknown key 'true_cfg_scale'"):
+            load_config(argv)
 
 
 def test_world_size_checks_are_unsupported_config_errors():

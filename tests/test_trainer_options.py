@@ -41,8 +41,6 @@ def test_demo_text_encoder_sharding_is_refused_on_several_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--sampling.true_cfg_scale=4"], "training with true CFG (a negative-prompt branch) is not implemented"),
-    (["--config=kontext_edit_r1", "--sampling.true_cfg_scale=4"], "training with true CFG"),
     (["--parallel.shard_transformer=false", "--parallel.cpu_offload=true"],
      "parallel.cpu_offload needs parallel.shard_transformer"),
 ])

@@ -1,14 +1,9 @@
-"""Trainer configuration: typed sections, named recipes, TOML files and `--section.key=value` overrides.
+"""Trainer configuration: typed sections (`sections`), named recipes (`recipes`), argv (`cli`, parsed by tyro), TOML
+and dicts (`serialize`) and the epoch's batch arithmetic (`batching`). Importing it does not import torch.
 
-    from nftcore.config import load_config, batch_plan, config_to_toml
     cfg = load_config(["--config", "qwen_image_edit_r1", "--run.out", "runs/q1"])   # a validated TrainConfig
-    plan = batch_plan(cfg, world_size)          # per-rank batches, accumulation, T_train; error if it cannot split
-    print(config_to_toml(cfg))                  # readable, and `--config` reads it back to an equal config
-
-Modules: `sections` (the dataclasses, their help texts and `validate`), `recipes` (demo, kontext_edit_r1,
-qwen_image_edit_r1), `cli` (argv: --config, --resume, --help, and the overrides, parsed by tyro), `serialize`
-(dict/JSON and TOML, both directions), `batching` (the epoch's batch arithmetic). Importing this package does not
-import torch.
+    plan = batch_plan(cfg, world_size)   # per-rank batches, accumulation, T_train; error if it cannot split
+    print(config_to_toml(cfg))           # `--config` reads it back to an equal config
 """
 
 from nftcore.config.batching import batch_plan

@@ -1,16 +1,14 @@
-"""Batch arithmetic of one epoch, derived from the actual world size (docs/ALGORITHM.md §5.1).
-
-The recipe fixes the global numbers and the launch the world size, so the same recipe runs unchanged on 1, 2, 3, 8 or
-48 ranks (the reference configs solve for a per-GPU batch against a hard-coded GPU count and run only on that):
+"""Batch arithmetic of one epoch for the actual world size (docs/ALGORITHM.md §5.1): the recipe fixes the global
+numbers, the launch the world size, so a recipe runs unchanged on 1, 2, 3, 8 or 48 ranks.
 
     samples_per_epoch = K·G                      (all ranks; global sample g = group·K + k)
     rank shares       = K·G split into world_size contiguous slices whose sizes differ by at most one
     rollout calls     = ceil(largest share / sampling.batch_size), the same number on every rank
     T_train           = int(num_steps · timestep_fraction)
 
-Every rank makes the same number of rollout calls because each is a collective under FSDP2; a rank whose share leaves
-a call empty runs it on a copy of its first sample and drops the result. Every random draw is keyed by the global
-sample index, so the split changes nothing that is computed; only more ranks than samples cannot work.
+Every rank makes the same number of rollout calls (each is a collective under FSDP2); a rank whose share leaves a
+call empty runs it on a copy of its first sample and drops the result. Random draws are keyed by the global sample
+index, so the split changes nothing that is computed; only more ranks than samples cannot work.
 """
 
 from __future__ import annotations
@@ -31,8 +29,8 @@ def train_timesteps(num_steps: int, timestep_fraction: float) -> int:
 
 
 def even_split(items: list[int], parts: int) -> list[list[int]]:
-    """`items` cut into `parts` contiguous runs whose lengths differ by at most one (longer runs first); runs are
-    empty when there are fewer items than parts."""
+    """`items` cut into `parts` contiguous runs whose lengths differ by at most one, longer first (some empty if
+    there are fewer items than parts)."""
     q, rem = divmod(len(items), parts)
     bounds = [i * q + min(i, rem) for i in range(parts + 1)]
     return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
@@ -100,8 +98,7 @@ class BatchPlan:
         return even_split(self.rank_samples(rank), self.rollout_batches_per_rank)
 
     def summary(self) -> str:
-        shares = sorted(set(self.shares), reverse=True)
-        share = " or ".join(map(str, shares))
+        share = " or ".join(map(str, sorted(set(self.shares), reverse=True)))
         return (f"{self.samples_per_epoch} samples/epoch on {self.world_size} rank(s): {share} per rank in "
                 f"{self.rollout_batches_per_rank} rollout call(s) of ≤ {self.micro_batch_size} "
                 f"(sampling.batch_size {self.batch_size}); {self.optimizer_steps_per_epoch} optimizer step(s)/epoch, "
@@ -123,19 +120,13 @@ def batch_plan(cfg: TrainConfig, world_size: int) -> BatchPlan:
         raise ConfigError(f"world_size must be an int ≥ 1, got {world_size!r}")
     s, steps = cfg.sampling, cfg.optim.steps_per_epoch
     samples = s.group_size * s.groups_per_epoch
-    problem = plan_problem(samples, steps)
-    if problem:
+    if problem := plan_problem(samples, steps):
         raise ConfigError(f"batch plan: {problem}")
     if world_size > samples:
         raise ConfigError(
             f"batch plan for {world_size} rank(s): an epoch has only K·G = {s.group_size} × {s.groups_per_epoch} = "
             f"{samples} samples, so some ranks would roll out nothing; this recipe runs on 1 to {samples} ranks, or "
             f"raise sampling.groups_per_epoch to at least {math.ceil(world_size / s.group_size)}")
-    return BatchPlan(
-        world_size=world_size,
-        group_size=s.group_size,
-        samples_per_epoch=samples,
-        batch_size=s.batch_size,
-        optimizer_steps_per_epoch=steps,
-        train_timesteps=train_timesteps(s.num_steps, cfg.nft.timestep_fraction),
-    )
+    return BatchPlan(world_size=world_size, group_size=s.group_size, samples_per_epoch=samples,
+                     batch_size=s.batch_size, optimizer_steps_per_epoch=steps,
+                     train_timesteps=train_timesteps(s.num_steps, cfg.nft.timestep_fraction))

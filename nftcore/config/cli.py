@@ -1,12 +1,7 @@
-"""The command line: a base config (`--config RECIPE|FILE.toml`), then `--section.key=value` overrides, then validation.
+"""The command line: a base config (`--config RECIPE|FILE.toml`), then `--section.key=value` overrides parsed by tyro
+(later ones win), then `validate` once, so an override may pass through a state that is invalid on its own.
 
-    python -m nftcore.train --config qwen_image_edit_r1 --run.out runs/q1 --filter.rule=code --optim.betas=0.9,0.99
-    python -m nftcore.train --config my_run.toml --resume latest
-
-tyro parses the overrides, later ones winning, from the dataclasses' types and help texts; `_value_forms` adds the
-value forms this project has always taken, each one token: bools true/false/1/0/yes/no/on/off (a bare flag is true),
-tuples comma-separated (brackets optional), `none` for an unset optional field, finite floats only. Validation runs
-once at the end, so an override may pass through a state that is invalid on its own.
+    python -m nftcore.train --config qwen_image_edit_r1 --run.out runs/q1 --optim.betas=0.9,0.99 --resume latest
 """
 
 import contextlib
@@ -36,15 +31,13 @@ Start from a recipe or a TOML file and override any option below (defaults shown
   --print-config             print the effective config as TOML and exit
   Values: bools true/false (a bare flag is true), tuples comma-separated (0.9,0.999), none unsets an optional one."""
 _VALUES = {"--config": "RECIPE|FILE.toml", "--resume": "latest|PATH"}
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+_BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 _REGISTRY = ConstructorRegistry()
 
 
 def load_config(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The validated `TrainConfig` for `argv` (default `sys.argv[1:]`); ConfigError on any mistake.
-
-    Like argparse, `-h/--help` and `--print-config` print to stdout and raise SystemExit(0).
-    """
+    """The validated `TrainConfig` for `argv` (default `sys.argv[1:]`); ConfigError on any mistake. Like argparse,
+    `-h/--help` and `--print-config` print to stdout and raise SystemExit(0)."""
     source, overrides, flags = _split(sys.argv[1:] if argv is None else argv)
     cfg = _base(source)
     if flags & {"-h", "--help"}:  # the base config's values; the overrides are not parsed
@@ -105,7 +98,8 @@ def _tyro(default: TrainConfig, args: Sequence[str], **kwargs: Any) -> TrainConf
 
 @_REGISTRY.primitive_rule
 def _value_forms(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
-    """bool, float, `X | None` and fixed tuples in the module docstring's forms; int, str and Literal are tyro's own."""
+    """bool (true/false/1/0/yes/no/on/off; a bare flag is true), finite floats, `X | None` (`none` unsets it) and
+    fixed tuples (comma-separated, brackets optional), each one token; int, str and Literal are tyro's own."""
     tp = info.type
     if tp not in (bool, float) and info.type_origin is not tuple and type(None) not in get_args(tp):
         return None
@@ -115,20 +109,18 @@ def _value_forms(info: PrimitiveTypeInfo) -> PrimitiveConstructorSpec | None:
 
 
 def _parse(tp: Any, text: str = "true") -> Any:  # no text: a bare bool flag
-    args = [arg for arg in get_args(tp) if arg is not type(None)]
+    args, word = [arg for arg in get_args(tp) if arg is not type(None)], text.strip().lower()
     if len(args) < len(get_args(tp)):  # X | None
-        return None if text.strip().lower() in ("none", "null") else _parse(args[0], text)
+        return None if word in ("none", "null") else _parse(args[0], text)
     if args:  # a fixed tuple
         items = text.strip().strip("()[]").split(",")
         if len(items) != len(args):
             raise ValueError(f"{text!r} is not {len(args)} comma-separated values")
-        return tuple(_parse(arg, item) for arg, item in zip(args, items))
-    if tp is bool:
-        if text.strip().lower() not in _TRUE + _FALSE:
-            raise ValueError(f"{text!r} is not a bool (true/false/1/0)")
-        return text.strip().lower() in _TRUE
+        return tuple(map(_parse, args, items))
+    if tp is bool and word not in _BOOLS:
+        raise ValueError(f"{text!r} is not a bool (true/false/1/0)")
     try:
-        value = tp(text)
+        value = _BOOLS[word] if tp is bool else tp(text)
     except ValueError:
         raise ValueError(f"{text!r} is not a {tp.__name__}") from None
     if isinstance(value, float) and not math.isfinite(value):  # as `validate`: no option means "no limit" by inf

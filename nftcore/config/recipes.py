@@ -1,24 +1,10 @@
-"""Named recipes: Python functions that return a complete `TrainConfig`.
+"""Named recipes: functions that return a complete `TrainConfig`.
 
-- `demo` (the default): the embedded CPU run, tuned so that the reward visibly rises within minutes on two cores —
-  the ≈ 0.5 M-parameter pretrained demo policy at 16² px, K = 8 edits × G = 8 prompts per epoch in rollout batches
-  of 16, dpm2 × 6 sampler steps (T_train = 5), LoRA r = 16 / α = 32 on attention and MLPs, lr 3e-3, 4 optimizer
-  steps per epoch, β = 0.1 (Edit-R1: 1.0; a bigger step per epoch), λ_KL = 1e-4, old-policy preset 1, 100 epochs,
-  EMA eval on 64 held-out tasks every 20, a checkpoint every 25: a few minutes on two CPU cores. The
-  measurements behind these values are in bench/RESULTS.md ("Embedded demo").
-- `kontext_edit_r1`, `qwen_image_edit_r1`: Edit-R1 on FLUX.1-Kontext-dev and Qwen-Image-Edit-2509 with the defaults
-  of the official Edit-R1 configs. Every value is written out here, even where it equals a field default, so the
-  recipe reads as those configs and changing the demo's defaults cannot move it.
-
-Deliberate differences from the official configs, each one flag away:
-- `filter.rule = "paper"` (§11.2). `--filter.rule=none` gives the official Kontext config, `--filter.rule=code` the
-  official Qwen one (whose `ban_prompt = True` is `filter.ban_prompts` here, on in the Qwen recipe).
-- `model.dtype = "bf16"` for Kontext too (§11.7); the official script leaves its transformer in fp32.
-- `model.finetune = "lora"` as Edit-R1; `--model.finetune=full --parallel.shard_transformer=true` trains every
-  transformer weight instead (fp32 master weights and AdamW state sharded by FSDP2, bf16 compute; the reference has
-  no full fine-tuning). The demo takes `--model.finetune=full` as is (one rank, or sharded by default on several).
-- Groups and prompt bans are keyed on a stable sample id (instruction + source image), not on the instruction text
-  alone as the reference does, which merges images that share one (§11.3).
+`demo` (the default; the field defaults) is the embedded CPU run, tuned so that the reward visibly rises within
+minutes on two cores (bench/RESULTS.md, "Embedded demo"). `kontext_edit_r1` and `qwen_image_edit_r1` are Edit-R1 on
+FLUX.1-Kontext-dev and Qwen-Image-Edit-2509 with every value of the official configs written out, so that tuning the
+demo cannot move them. docs/ALGORITHM.md §10 tabulates the recipes, §11 their deliberate departures from the official
+configs (§11.2 filter rule, §11.3 sample-id keying, §11.7 bf16 Kontext), each one flag away.
 """
 
 from __future__ import annotations
@@ -52,7 +38,7 @@ def demo() -> TrainConfig:
 
 
 def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None, ban_prompts: bool,
-             eval_batch_size: int) -> TrainConfig:
+             eval_batch_size: int, timestep_chunk: int) -> TrainConfig:
     """The Edit-R1 training set-up, shared by both recipes; the arguments are what differs between the two models."""
     return TrainConfig(
         recipe=name,
@@ -69,7 +55,6 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
             solver="dpm2",
             resolution=512,
             guidance_scale=guidance_scale,
-            true_cfg_scale=1.0,
         ),
         nft=NFTConfig(
             beta=1.0,
@@ -81,9 +66,7 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
             timestep_fraction=0.99,  # int(6 × 0.99) = 5 of the 6 sampler timesteps per sample
             decay_type=1,  # η = min(0.001·step, 0.5)
             ema_decay=0.9,
-            # One timestep per pass, as the memory plan (docs/TRAINING.md) was measured: stacking all 5 needs ~5x the
-            # saved activations, which a replicated 20B transformer has no room for; sharded runs can raise it.
-            timestep_chunk=1,
+            timestep_chunk=timestep_chunk,
         ),
         # The reference serves the 32B judge with vLLM on 8 GPUs of their own; it does not fit beside the policy.
         reward=RewardConfig(backend="server", model="Qwen/Qwen2.5-VL-32B-Instruct", server_url="", timeout_s=300.0,
@@ -104,25 +87,27 @@ def _edit_r1(name: str, *, family: str, path: str, guidance_scale: float | None,
 
 
 def kontext_edit_r1() -> TrainConfig:
-    """Edit-R1 on FLUX.1-Kontext-dev (reference: 24 GPUs, so 4 micro-batches × 5 timesteps per step)."""
+    """Edit-R1 on FLUX.1-Kontext-dev (reference: 24 GPUs, so 4 micro-batches × 5 timesteps per step).
+
+    All 5 timesteps of a micro-batch go through one forward/backward: the replicated 12B transformer leaves room for
+    5x the activations (~50 of 80 GB, docs/TRAINING.md's Kontext memory plan).
+    """
     return _edit_r1("kontext_edit_r1", family="flux", path="black-forest-labs/FLUX.1-Kontext-dev",
-                    guidance_scale=2.5, ban_prompts=False, eval_batch_size=3)
+                    guidance_scale=2.5, ban_prompts=False, eval_batch_size=3, timestep_chunk=0)
 
 
 def qwen_image_edit_r1() -> TrainConfig:
     """Edit-R1 on Qwen-Image-Edit-2509 (reference: 48 GPUs, so 2 micro-batches × 5 timesteps per step).
 
-    The evaluation batch is 1: the reference halves its batch of 3 (integer division) above 32 GPUs.
+    The evaluation batch is 1: the reference halves its batch of 3 (integer division) above 32 GPUs. One timestep per
+    pass: a replicated 20B transformer has no room for 5x the activations (docs/TRAINING.md's memory plan); sharded
+    runs can raise `nft.timestep_chunk`.
     """
     return _edit_r1("qwen_image_edit_r1", family="qwen_image", path="Qwen/Qwen-Image-Edit-2509",
-                    guidance_scale=None, ban_prompts=True, eval_batch_size=1)
+                    guidance_scale=None, ban_prompts=True, eval_batch_size=1, timestep_chunk=1)
 
 
-RECIPES: dict[str, Callable[[], TrainConfig]] = {
-    "demo": demo,
-    "kontext_edit_r1": kontext_edit_r1,
-    "qwen_image_edit_r1": qwen_image_edit_r1,
-}
+RECIPES: dict[str, Callable[[], TrainConfig]] = {f.__name__: f for f in (demo, kontext_edit_r1, qwen_image_edit_r1)}
 
 
 def build_recipe(name: str) -> TrainConfig:

@@ -1,9 +1,6 @@
-"""The config as data: a JSON-ready dict (trackers, the resume check) and a TOML file (`--print-config`, each
-checkpoint's config.toml), and back. Both name the recipe the config started from; loading builds it and replaces the
-fields given, so a hand-written file may hold only `recipe = "..."` and what it changes. TOML values keep their types
-(checked as in `validate`); arrays become tuples, ints widen to floats, and "none" unsets an optional field (TOML has no
-null). Floats are written with repr, so a dump loads back to an equal config.
-"""
+"""The config as a JSON-ready dict (trackers, the resume check) and as TOML (`--print-config`, a checkpoint's
+config.toml), and back. Loading builds the named recipe and replaces the fields given, so a file may hold only
+`recipe = "..."` and what it changes. TOML has no null: "none" unsets an optional field."""
 
 import json
 import re
@@ -27,26 +24,22 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any], *, origin: str = "config dict", validate: bool = True) -> TrainConfig:
-    """A config from `config_to_dict` output or a parsed TOML file: `data["recipe"]` with the fields given. Unknown
-    sections and keys are errors, not ignored. `validate=False` checks only the types and leaves the range and
-    cross-field checks to the caller (the CLI applies its overrides first)."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{origin}: expected a table of sections, got {type(data).__name__}")
+    """A config from `config_to_dict` output or a parsed TOML file; unknown sections and keys are errors.
+    `validate=False` checks only the types (the CLI validates once its overrides are applied)."""
     try:
-        cfg = build_recipe(data.get("recipe", DEFAULT_RECIPE))
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a table of sections, got {type(data).__name__}")
+        data = dict(data)
+        cfg = build_recipe(data.pop("recipe", DEFAULT_RECIPE))
         for name, values in data.items():
-            if name == "recipe":
-                continue
             check_name(name)
             if not isinstance(values, Mapping):
                 raise ConfigError(f"[{name}] must be a table of key = value, got {values!r}")
+            types = {f.name: f.type for f in fields(SECTIONS[name])}
             for key in values:
                 check_name(name, key)
-            types = {f.name: f.type for f in fields(SECTIONS[name])}
-            changes = {key: _from_toml(value, types[key]) for key, value in values.items()}
-            setattr(cfg, name, replace(getattr(cfg, name), **changes))
-        problems = cfg.type_problems()
-        if problems:
+            setattr(cfg, name, replace(getattr(cfg, name), **{k: _from_toml(v, types[k]) for k, v in values.items()}))
+        if problems := cfg.type_problems():
             raise ConfigError("; ".join(problems))
     except ConfigError as error:
         raise ConfigError(f"{origin}: {error}") from None
@@ -54,7 +47,8 @@ def config_from_dict(data: Mapping[str, Any], *, origin: str = "config dict", va
 
 
 def _from_toml(value: Any, tp: Any) -> Any:
-    """A TOML/JSON value as the field `tp` holds it (anything else is left for the type check to name)."""
+    """A TOML/JSON value as the field `tp` holds it: arrays as tuples, ints widened to floats (anything else is left
+    for the type check to name)."""
     args = get_args(tp)
     if isinstance(value, list):
         return tuple(float(item) if type(item) is int and float in args else item for item in value)
@@ -64,18 +58,15 @@ def _from_toml(value: Any, tp: Any) -> Any:
 
 
 def toml_literal(value: Any) -> str:
-    """One value as TOML (tomli_w escapes the strings), None, which TOML lacks, as "none", and arrays on one line:
-    tomli_w would break them over lines, and the resume check quotes values in a one-line message."""
+    """One value as TOML (tomli_w escapes strings), None as "none", and arrays on one line (tomli_w would break
+    them over lines; the resume check quotes values in a one-line message)."""
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(map(toml_literal, value)) + "]"
     return tomli_w.dumps({"v": "none" if value is None else value})[len("v = "):-1]
 
 
 def config_to_toml(cfg: TrainConfig, *, comments: bool = True) -> str:
-    """The config as a TOML document that `load_toml` / `--config FILE` reads back to an equal config.
-
-    With `comments`, each key is preceded by its help text, so the dump doubles as annotated documentation.
-    """
+    """The config as TOML that `load_toml` reads back to an equal config; `comments` puts each key's help above it."""
     lines = [f"recipe = {toml_literal(cfg.recipe)}"]
     for name in SECTIONS:
         section = getattr(cfg, name)
@@ -88,16 +79,15 @@ def config_to_toml(cfg: TrainConfig, *, comments: bool = True) -> str:
 
 
 def load_toml(path: str | Path, *, validate: bool = True) -> TrainConfig:
-    """A config from a TOML file (see `config_from_dict` for what the file may contain and for `validate`)."""
+    """A config from a TOML file (see `config_from_dict`); ConfigError naming the file, and the line where it can."""
     path = Path(path)
     try:
         raw = path.read_bytes()
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except OSError as error:  # a folder, no permission, an I/O error
         raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
-    try:
-        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
         line, column = raw.count(b"\n", 0, error.start) + 1, error.start - raw.rfind(b"\n", 0, error.start)
         raise ConfigError(f"{path}:{line}: not valid UTF-8 (TOML files must be UTF-8): byte 0x{raw[error.start]:02x} "
