@@ -7,6 +7,8 @@ count: 4 heads x 64 (hidden 256), 4 double + 4 single blocks, 1024 target + 1024
 fp32, activation checkpointing off on both. At hidden 256 and 2112 tokens attention has more FLOPs than all the
 Linears (4 N^2 C vs 24 N C^2 per block: N / 6C = 1.4), and both sides run it through aten's CPU flash attention, so
 the end-to-end speedup is bounded by what the rest of the model costs. (At FLUX's real width, 3072, the ratio is 0.12.)
+`--breakdown` measures that bound: each model's self CPU time split into aten's attention kernels, GEMMs and the rest
+(torch.profiler), and the ratio diffusers would reach against a model whose rest cost nothing.
 
 How it measures:
 - time: both models live in this process and are called alternately (diffusers, nftcore, diffusers, ...) after
@@ -156,6 +158,36 @@ def time_alternating(fns: dict[str, Callable], params: dict[str, list], warmup: 
     return {p: (wall[p], cpu[p]) for p in fns}
 
 
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def time_breakdown(fns: dict[str, Callable], params: dict[str, list], calls: int = 3) -> dict[str, dict[str, float]]:
+    """{provider: {"attention", "gemm", "other": self CPU ms per call}}: `calls` profiled calls each, interleaved."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kinds = {p: dict.fromkeys(("attention", "gemm", "other"), 0.0) for p in fns}
+    for _ in range(calls):
+        for provider, fn in fns.items():
+            for p in params[provider]:
+                p.grad = None
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            for e in prof.key_averages():
+                kind = "attention" if "scaled_dot_product" in e.key else "gemm" if e.key in GEMM_OPS else "other"
+                kinds[provider][kind] += e.self_cpu_time_total / 1e3 / calls
+    return kinds
+
+
+def print_breakdown(mode: str, kinds: dict[str, dict[str, float]]) -> None:
+    for provider, k in kinds.items():
+        total = sum(k.values())
+        print(f"  {provider:9s} {mode:4s} self CPU {total:8.1f} ms: " + ", ".join(
+            f"{name} {ms:.1f} ({ms / total:.0%})" for name, ms in k.items()))
+    d = kinds["diffusers"]
+    print(f"  {mode}: bound with the same attention and GEMM kernels (diffusers total / its attention + GEMMs): "
+          f"{sum(d.values()) / (d['attention'] + d['gemm']):.2f}x", flush=True)
+
+
 def check_agreement(folder: Path) -> float:
     """Relative max error of nftcore's forward against diffusers' on the benchmark inputs (fp32)."""
     inputs = make_inputs()
@@ -179,6 +211,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's); on a shared machine 1 thread avoids measuring "
                              "thread hand-offs to a busy core")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile each model's self CPU time by kind (attention, GEMM, rest) and print the "
+                             "speedup bound it implies")
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/results.csv")
     parser.add_argument("--worker", nargs=3, metavar=("PROVIDER", "MODE", "FOLDER"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -205,6 +240,9 @@ def main() -> None:
             fns = {p: step_fn(m, mode, inputs) for p, m in models.items()}
             params = {p: list(m.parameters()) if mode == "full" else [] for p, m in models.items()}
             times = time_alternating(fns, params, args.warmup, args.repeats)
+            kinds = time_breakdown(fns, params) if args.breakdown else {}
+            if kinds:
+                print_breakdown(mode, kinds)
             del models, fns, params
             for provider in PROVIDERS:
                 cmd = [sys.executable, __file__, "--worker", provider, mode, str(folder), "--grid", *map(str, GRID),
@@ -218,7 +256,8 @@ def main() -> None:
                              config=CONFIG, threads=torch.get_num_threads(), load1=round(os.getloadavg()[0], 2),
                              rel_err=float(f"{err:.3g}"), cpu_p50_ms=round(cpu.p50, 1), cpu_p20_ms=round(cpu.p20, 1),
                              cpu_p80_ms=round(cpu.p80, 1),
-                             memory="profiler peak of CPU tensor bytes allocated during one call")
+                             memory="profiler peak of CPU tensor bytes allocated during one call",
+                             **({"self_cpu_ms": {k: round(v, 1) for k, v in kinds[provider].items()}} if kinds else {}))
                 results.append(harness.Result(BENCH, CASE, provider, mode, "fp32", wall, peak_mb=peak, extra=extra))
                 print(f"  {provider:9s} {mode:4s} wall p50 {wall.p50:9.1f} ms  CPU p50 {cpu.p50:9.1f} ms  "
                       f"peak {peak:8.1f} MiB", flush=True)
