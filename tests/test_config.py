@@ -408,7 +408,7 @@ def test_help_and_print_config(capsys, tmp_path):
         assert f" {section} options" in out and cls.__doc__.split("\n")[0] in flat  # a group per section
         assert all(f"--{section}.{key} " in out for key in _types(section))
     assert "--nft.kl_weight FLOAT" in out and "Not the KL weight" in flat
-    assert "--lora.rank INT LoRA rank r. (default: 32)" in flat  # the recipe's value (the field default is 16)
+    assert "--lora.rank INT LoRA rank r. Range: ≥ 1. (default: 32)" in flat  # the recipe's value (field default 16)
     assert "--optim.betas FLOAT,FLOAT" in out and "--sampling.guidance_scale FLOAT|none" in out
     assert "--metrics.wandb {true,false}" in out and "--nft.decay_type {0,1,2}" in out
     assert "--config RECIPE|FILE.toml" in out and "--recipe" not in out

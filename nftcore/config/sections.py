@@ -20,8 +20,10 @@ from nftcore.config.errors import ConfigError, UnsupportedConfigError, did_you_m
 
 
 def option(default: Any, help: str, must_be: str = "") -> Any:
-    """A field with its `--help` text and the range `validate` holds it to: "≥ 1", "> 0", "in [0, 1)", ..."""
-    return field(default=default, metadata={"help": help, "must_be": must_be})
+    """A field with its `--help` text and the range `validate` holds it to: "≥ 1", "> 0", "in [0, 1)", ... (the help
+    states the range too, so `--help` and the TOML dump's comments show it)."""
+    text = f"{help} Range: {must_be}." if must_be else help
+    return field(default=default, metadata={"help": text, "must_be": must_be})
 
 
 @dataclass(kw_only=True, slots=True)
